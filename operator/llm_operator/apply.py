@@ -1,0 +1,136 @@
+"""Writes of the operator: server-side apply of children under one field manager, and the few other
+writes it needs (pruning, the generated API key, replica bounds, status, Events)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+from datetime import datetime
+from typing import Any
+
+from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint, LLMEndpointStatus
+from llm_operator.errors import ConflictError, NotFoundError
+from llm_operator.kube import Kube
+from llm_operator.render import OPTIONAL_CHILDREN, default_api_key_secret, labels, owner_reference
+from llm_operator.settings import AUTOSCALER_FIELD_MANAGER, FIELD_MANAGER
+
+Manifest = dict[str, Any]
+COMPONENT = "llm-operator"
+
+
+async def apply_children(kube: Kube, manifests: list[Manifest]) -> dict[str, Manifest]:
+    """Apply every rendered child at once; the API server's answers by kind."""
+    answers = await asyncio.gather(*(kube.apply(body, FIELD_MANAGER) for body in manifests))
+    return {answer.get("kind", body["kind"]): answer for body, answer in zip(manifests, answers, strict=True)}
+
+
+async def prune(kube: Kube, endpoint: LLMEndpoint, rendered: list[Manifest]) -> list[str]:
+    """Delete optional children the spec no longer asks for (only ones this endpoint controls)."""
+    wanted = {(body["apiVersion"], body["kind"]) for body in rendered}
+    deleted = []
+    for (api_version, kind), pattern in OPTIONAL_CHILDREN.items():
+        if (api_version, kind) in wanted:
+            continue
+        name = pattern.format(name=endpoint.metadata.name)
+        try:
+            current = await kube.get(api_version, kind, endpoint.metadata.namespace, name)
+        except NotFoundError:
+            continue
+        owners = current["metadata"].get("ownerReferences") or ()
+        if any(ref.get("uid") == endpoint.metadata.uid and ref.get("controller") for ref in owners):
+            try:
+                await kube.delete(api_version, kind, endpoint.metadata.namespace, name, uid=current["metadata"]["uid"])
+            except (NotFoundError, ConflictError):
+                continue
+            deleted.append(f"{kind}/{name}")
+    return deleted
+
+
+async def ensure_api_key(kube: Kube, endpoint: LLMEndpoint) -> bool:
+    """Create `<name>-api-key` with a random token for a protected endpoint that names no Secret.
+
+    Create-only: an existing Secret (rotated by a person) is never touched. True when one was created."""
+    if endpoint.spec.access != "protected" or endpoint.spec.api_key_secret_ref is not None:
+        return False
+    token = secrets.token_urlsafe(32)
+    body = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": default_api_key_secret(endpoint),
+            "namespace": endpoint.metadata.namespace,
+            "labels": labels(endpoint),
+            "ownerReferences": [owner_reference(endpoint)],
+        },
+        "data": {"token": base64.b64encode(token.encode()).decode()},
+    }
+    try:
+        await kube.create(body, FIELD_MANAGER)
+    except ConflictError:
+        return False
+    return True
+
+
+async def set_replicas(kube: Kube, deployment: Manifest, replicas: int) -> Manifest:
+    """Set a Deployment's replicas as the autoscaler's field manager (the operator's own apply omits them)."""
+    meta = deployment["metadata"]
+    await kube.merge_patch(
+        "apps/v1",
+        "Deployment",
+        meta["namespace"],
+        meta["name"],
+        {"spec": {"replicas": replicas}},
+        subresource="scale",
+        field_manager=AUTOSCALER_FIELD_MANAGER,
+    )
+    return {**deployment, "spec": {**deployment.get("spec", {}), "replicas": replicas}}
+
+
+def status_patch(status: LLMEndpointStatus) -> Manifest:
+    """The status as written by the operator: everything but lastRequestTime, which the autoscaler owns."""
+    return status.model_dump(by_alias=True, exclude_none=True, mode="json", exclude={"last_request_time"})
+
+
+async def write_status(kube: Kube, endpoint: LLMEndpoint, resource_version: str, status: LLMEndpointStatus) -> None:
+    """One merge patch of the status subresource, refused (409) if the endpoint changed since it was read."""
+    patch = {"metadata": {"resourceVersion": resource_version}, "status": status_patch(status)}
+    await kube.merge_patch(
+        API_VERSION,
+        KIND,
+        endpoint.metadata.namespace,
+        endpoint.metadata.name,
+        patch,
+        subresource="status",
+        field_manager=FIELD_MANAGER,
+    )
+
+
+async def post_event(
+    kube: Kube, endpoint: LLMEndpoint, *, warning: bool, reason: str, message: str, now: datetime, instance: str
+) -> None:
+    """A core/v1 Event on the endpoint, shown by `kubectl describe llme`."""
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{endpoint.metadata.name}.", "namespace": endpoint.metadata.namespace},
+        "involvedObject": {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": endpoint.metadata.name,
+            "namespace": endpoint.metadata.namespace,
+            "uid": endpoint.metadata.uid,
+        },
+        "type": "Warning" if warning else "Normal",
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": COMPONENT},
+        "reportingComponent": f"llm-endpoints.io/{COMPONENT}",
+        "reportingInstance": instance[:128],
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }
+    await kube.create(body)

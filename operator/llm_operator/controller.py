@@ -1,0 +1,142 @@
+"""Workers that drain the queue of endpoint keys into `reconcile`, with retries, while this replica leads.
+
+Watch events (from kopf, see handlers) only add keys; a worker always reads the current state, so missed or
+coalesced events cost nothing but latency. Failures map to retries in one place: `retry_delay`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from llm_operator.errors import ConflictError, OperatorError
+from llm_operator.kube import Kube
+from llm_operator.leader import LeaderElector
+from llm_operator.reconcile import reconcile
+from llm_operator.settings import Settings
+from llm_operator.workqueue import WorkQueue
+
+Key = tuple[str, str]  # (namespace, name)
+log = logging.getLogger("llm_operator.controller")
+
+RECONCILES = Counter("llm_operator_reconciles_total", "Reconcile passes by result", ["result"])
+RECONCILE_SECONDS = Histogram("llm_operator_reconcile_seconds", "Duration of one reconcile pass")
+QUEUE_DEPTH = Gauge("llm_operator_queue_depth", "Endpoints waiting for a reconcile pass")
+
+BASE_DELAY, MAX_DELAY = 0.5, 60.0
+RESYNC_SECONDS = 600.0
+
+
+def retry_delay(error: Exception, failures: int) -> float | None:
+    """Seconds until the next try after `failures` failures in a row, or None: wait for a change."""
+    if isinstance(error, ConflictError):
+        return 0.0 if failures <= 3 else BASE_DELAY
+    if isinstance(error, OperatorError) and not error.retryable:
+        return None
+    return min(MAX_DELAY, BASE_DELAY * 2 ** max(0, failures - 1))
+
+
+class Controller:
+    """Owns the queue, the set of known endpoints and the workers."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        settings: Settings,
+        *,
+        workers: int = 16,
+        elector: LeaderElector | None = None,
+        identity: str = "llm-operator",
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.kube, self.settings, self.workers = kube, settings, workers
+        self.elector, self.identity, self.clock = elector, identity, clock
+        self.queue: WorkQueue[Key] = WorkQueue()
+        self.known: set[Key] = set()
+        self._failures: dict[Key, int] = {}
+        self.leading = elector.leading if elector else asyncio.Event()
+        if elector:
+            elector.on_start = self.resync
+        else:
+            self.leading.set()
+
+    def endpoint_seen(self, namespace: str, name: str, deleted: bool = False) -> None:
+        """An LLMEndpoint watch event."""
+        key = (namespace, name)
+        if deleted:
+            self.known.discard(key)
+            self._failures.pop(key, None)
+            return
+        self.known.add(key)
+        self.queue.add(key)
+
+    def child_seen(self, namespace: str, endpoint: str) -> None:
+        """A watch event of a child or pod labelled with its endpoint's name."""
+        self.queue.add((namespace, endpoint))
+
+    def resync(self) -> None:
+        """Queue every known endpoint (on becoming leader, and periodically)."""
+        for key in self.known:
+            self.queue.add(key)
+
+    async def _work(self) -> None:
+        while True:
+            await self.leading.wait()
+            key = await self.queue.get()
+            if not self.leading.is_set():
+                self.queue.done(key)
+                self.queue.add(key)
+                continue
+            try:
+                await self._pass(key)
+            finally:
+                self.queue.done(key)
+                QUEUE_DEPTH.set(len(self.queue))
+
+    async def _pass(self, key: Key) -> None:
+        namespace, name = key
+        ref = {"namespace": namespace, "name": name}
+        started = time.monotonic()
+        try:
+            outcome = await reconcile(self.kube, namespace, name, self.settings, self.clock, self.identity)
+        except Exception as error:
+            failures = self._failures[key] = self._failures.get(key, 0) + 1
+            delay = retry_delay(error, failures)
+            RECONCILES.labels(result="conflict" if isinstance(error, ConflictError) else "error").inc()
+            level = logging.DEBUG if isinstance(error, ConflictError) else logging.ERROR
+            log.log(level, "reconcile failed: %s", error, extra={**ref, "retry_in": delay, "failures": failures},
+                    exc_info=not isinstance(error, OperatorError))
+            if delay is not None:
+                self.queue.add_after(key, delay)
+            return
+        finally:
+            RECONCILE_SECONDS.observe(time.monotonic() - started)
+        self._failures.pop(key, None)
+        RECONCILES.labels(result="ok").inc()
+        if outcome.status is not None and (outcome.status_written or outcome.pruned or outcome.scaled_to is not None):
+            log.info(
+                "reconciled",
+                extra={**ref, "phase": outcome.status.phase, "ready": outcome.status.ready,
+                       "pruned": list(outcome.pruned), "scaled_to": outcome.scaled_to},
+            )
+
+    async def run(self) -> None:
+        """Workers, the elector and the periodic resync, until cancelled."""
+        tasks = [asyncio.create_task(self._work(), name=f"worker-{i}") for i in range(self.workers)]
+        if self.elector:
+            tasks.append(asyncio.create_task(self.elector.run(), name="leader-election"))
+        try:
+            while True:
+                await asyncio.sleep(RESYNC_SECONDS)
+                self.resync()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.elector:
+                await self.elector.release()

@@ -1,0 +1,330 @@
+"""`render(endpoint, settings)`: the objects an LLMEndpoint needs, as plain manifests. Pure.
+
+The serving Deployment has no `replicas`: that field belongs to the autoscaler's field manager, so applying the
+rendered objects never moves it and GitOps tools see no drift in anything the user wrote.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint, SecretKeyRef
+from llm_operator.settings import (
+    ACCESS_ANNOTATION,
+    API_KEY_KEY_ANNOTATION,
+    API_KEY_SECRET_ANNOTATION,
+    ENDPOINT_LABEL,
+    GPU_PRODUCT_LABEL,
+    GPU_PRODUCTS,
+    GPU_RESOURCE,
+    MANAGED_BY,
+    URL_ANNOTATION,
+    Settings,
+)
+
+Manifest = dict[str, Any]
+
+CONTAINER = "server"
+CACHE_MOUNT = "/cache"
+MODEL_MOUNT = "/mnt/model"
+PRESTOP_SLEEP_SECONDS = 5
+# kinds render may or may not emit, by (apiVersion, kind) -> name of the object for an endpoint
+OPTIONAL_CHILDREN = {
+    ("networking.k8s.io/v1", "NetworkPolicy"): "{name}",
+    ("v1", "PersistentVolumeClaim"): "{name}-cache",
+}
+
+
+def api_key_ref(endpoint: LLMEndpoint) -> SecretKeyRef | None:
+    """The Secret holding a protected endpoint's bearer token (the operator creates the default one)."""
+    if endpoint.spec.access != "protected":
+        return None
+    return endpoint.spec.api_key_secret_ref or SecretKeyRef(name=default_api_key_secret(endpoint))
+
+
+def default_api_key_secret(endpoint: LLMEndpoint) -> str:
+    """Name of the Secret the operator creates when a protected endpoint names none."""
+    return f"{endpoint.metadata.name}-api-key"
+
+
+def selector(endpoint: LLMEndpoint) -> dict[str, str]:
+    """The label selector of the endpoint's pods."""
+    return {ENDPOINT_LABEL: endpoint.metadata.name}
+
+
+def labels(endpoint: LLMEndpoint) -> dict[str, str]:
+    """Labels on every child object and pod."""
+    return {
+        "app.kubernetes.io/name": "llm-serving",
+        "app.kubernetes.io/instance": endpoint.metadata.name,
+        "app.kubernetes.io/part-of": "llm-endpoints",
+        **MANAGED_BY,
+        **selector(endpoint),
+    }
+
+
+def owner_reference(endpoint: LLMEndpoint) -> dict[str, Any]:
+    """Makes the endpoint the controller of a child, so deleting it deletes the child."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": endpoint.metadata.name,
+        "uid": endpoint.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _object(endpoint: LLMEndpoint, api_version: str, kind: str, name: str, **body: Any) -> Manifest:
+    meta = {
+        "name": name,
+        "namespace": endpoint.metadata.namespace,
+        "labels": labels(endpoint),
+        "ownerReferences": [owner_reference(endpoint)],
+    }
+    return {"apiVersion": api_version, "kind": kind, "metadata": meta, **body}
+
+
+def model_args(endpoint: LLMEndpoint) -> list[str]:
+    """Serving flags that name the model."""
+    model = endpoint.spec.model
+    if model.repository:
+        source = model.repository
+    elif model.path:
+        source = model.path
+    elif model.pvc:
+        source = f"{MODEL_MOUNT}/{model.pvc.sub_path}".rstrip("/")
+    else:
+        source = f"package:{model.package}"
+    args = ["--model", source]
+    if model.revision:
+        args += ["--revision", model.revision]
+    return [*args, "--dtype", model.dtype]
+
+
+def server_args(endpoint: LLMEndpoint, settings: Settings) -> list[str]:
+    """All flags of `python -m llm_serving`."""
+    args = [*model_args(endpoint), "--port", str(settings.port)]
+    limits = endpoint.spec.generation
+    for flag, value in (
+        ("--max-input-tokens", limits.max_input_tokens),
+        ("--max-total-tokens", limits.max_total_tokens),
+        ("--max-batch-total-tokens", limits.max_batch_total_tokens),
+        ("--max-concurrent-requests", limits.max_concurrent_requests),
+    ):
+        if value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def _env(endpoint: LLMEndpoint) -> list[dict[str, Any]]:
+    spec = endpoint.spec
+    env: list[dict[str, Any]] = []
+    if spec.model.token_secret_ref:
+        ref = spec.model.token_secret_ref
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if spec.cache:
+        env.append({"name": "HF_HOME", "value": CACHE_MOUNT})
+    if not spec.model.repository:
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+    env += [var.model_dump(by_alias=True, exclude_none=True) for var in spec.env or ()]
+    return env
+
+
+def _resources(endpoint: LLMEndpoint) -> dict[str, Any]:
+    spec = endpoint.spec
+    requests: dict[str, Any] = dict(spec.resources.requests or {}) if spec.resources else {}
+    limits: dict[str, Any] = dict(spec.resources.limits or {}) if spec.resources else {}
+    if spec.gpus:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = spec.gpus
+    return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+
+
+def _volumes(endpoint: LLMEndpoint) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, volumeMounts) of the pod."""
+    spec = endpoint.spec
+    shm: dict[str, Any] = {"medium": "Memory"}
+    if spec.resources and spec.resources.shared_memory is not None:
+        shm["sizeLimit"] = spec.resources.shared_memory
+    volumes: list[dict[str, Any]] = [{"name": "shm", "emptyDir": shm}]
+    mounts: list[dict[str, Any]] = [{"name": "shm", "mountPath": "/dev/shm"}]
+    if spec.cache:
+        claim = {"claimName": f"{endpoint.metadata.name}-cache"}
+        volumes.append({"name": "cache", "persistentVolumeClaim": claim})
+        mounts.append({"name": "cache", "mountPath": CACHE_MOUNT})
+    if spec.model.pvc:
+        claim = {"claimName": spec.model.pvc.claim_name, "readOnly": True}
+        volumes.append({"name": "model", "persistentVolumeClaim": claim})
+        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+    return volumes, mounts
+
+
+def _probe(period: int, failures: int, timeout: int = 5) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": "/health", "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": failures,
+    }
+
+
+def _scheduling(endpoint: LLMEndpoint) -> dict[str, Any]:
+    """nodeSelector, affinity and tolerations of the pod."""
+    spec = endpoint.spec
+    out: dict[str, Any] = {}
+    if spec.node_selector:
+        out["nodeSelector"] = dict(spec.node_selector)
+    tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations or ()]
+    if spec.accelerator:
+        term = {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": list(GPU_PRODUCTS[spec.accelerator.type])}
+        required = {"nodeSelectorTerms": [{"matchExpressions": [term]}]}
+        out["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}}
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    if tolerations:
+        out["tolerations"] = tolerations
+    return out
+
+
+def deployment(endpoint: LLMEndpoint, settings: Settings) -> Manifest:
+    """The serving Deployment: torchrun starts one rank per tensor-parallel shard; `replicas` is left out."""
+    spec = endpoint.spec
+    volumes, mounts = _volumes(endpoint)
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image or settings.image,
+        "command": ["torchrun", "--standalone", "--nproc-per-node", str(spec.ranks), "-m", "llm_serving"],
+        "args": server_args(endpoint, settings),
+        "ports": [{"name": "http", "containerPort": settings.port, "protocol": "TCP"}],
+        "env": _env(endpoint),
+        "resources": _resources(endpoint),
+        "volumeMounts": mounts,
+        "startupProbe": _probe(period=10, failures=max(1, settings.startup_seconds // 10)),
+        "readinessProbe": _probe(period=5, failures=2),
+        "livenessProbe": _probe(period=15, failures=4),
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [{key: value for key, value in container.items() if value != []}],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        **_scheduling(endpoint),
+    }
+    template = {
+        "metadata": {
+            "labels": labels(endpoint),
+            "annotations": {"kubectl.kubernetes.io/default-container": CONTAINER},
+        },
+        "spec": pod_spec,
+    }
+    return _object(
+        endpoint,
+        "apps/v1",
+        "Deployment",
+        endpoint.metadata.name,
+        spec={
+            "selector": {"matchLabels": selector(endpoint)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "revisionHistoryLimit": 3,
+            "progressDeadlineSeconds": settings.startup_seconds,
+            "template": template,
+        },
+    )
+
+
+def service(endpoint: LLMEndpoint, settings: Settings) -> Manifest:
+    """The in-cluster Service of the serving pods; its annotations tell the gateway how to route."""
+    body = _object(
+        endpoint,
+        "v1",
+        "Service",
+        endpoint.metadata.name,
+        spec={
+            "type": "ClusterIP",
+            "selector": selector(endpoint),
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
+    )
+    annotations = {
+        ACCESS_ANNOTATION: endpoint.spec.access,
+        URL_ANNOTATION: settings.url(endpoint.metadata.namespace, endpoint.metadata.name),
+    }
+    if ref := api_key_ref(endpoint):
+        annotations |= {API_KEY_SECRET_ANNOTATION: ref.name, API_KEY_KEY_ANNOTATION: ref.key}
+    body["metadata"]["annotations"] = annotations
+    return body
+
+
+def disruption_budget(endpoint: LLMEndpoint) -> Manifest:
+    """Voluntary evictions take one replica at a time; crash-looping pods never block a node drain."""
+    return _object(
+        endpoint,
+        "policy/v1",
+        "PodDisruptionBudget",
+        endpoint.metadata.name,
+        spec={
+            "selector": {"matchLabels": selector(endpoint)},
+            "maxUnavailable": 1,
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    )
+
+
+def network_policy(endpoint: LLMEndpoint, settings: Settings) -> Manifest | None:
+    """Protected: only the gateway (and the operator's namespace) reach the pods; private: also the
+    endpoint's own namespace. Public endpoints get none."""
+    if endpoint.spec.access == "public":
+        return None
+    system = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": settings.system_namespace}}}
+    peers: list[dict[str, Any]] = [system]
+    if endpoint.spec.access == "private":
+        peers.append({"podSelector": {}})
+    return _object(
+        endpoint,
+        "networking.k8s.io/v1",
+        "NetworkPolicy",
+        endpoint.metadata.name,
+        spec={
+            "podSelector": {"matchLabels": selector(endpoint)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": peers, "ports": [{"port": settings.port, "protocol": "TCP"}]}],
+        },
+    )
+
+
+def cache_claim(endpoint: LLMEndpoint) -> Manifest | None:
+    """The weight cache PersistentVolumeClaim, when spec.cache asks for one."""
+    cache = endpoint.spec.cache
+    if cache is None:
+        return None
+    spec: dict[str, Any] = {
+        "accessModes": [cache.access_mode],
+        "resources": {"requests": {"storage": cache.size}},
+    }
+    if cache.storage_class_name:
+        spec["storageClassName"] = cache.storage_class_name
+    return _object(endpoint, "v1", "PersistentVolumeClaim", f"{endpoint.metadata.name}-cache", spec=spec)
+
+
+def render(endpoint: LLMEndpoint, settings: Settings) -> list[Manifest]:
+    """Every child object of the endpoint, in the order they should be applied."""
+    optional = [cache_claim(endpoint), network_policy(endpoint, settings)]
+    return [
+        *(body for body in optional if body is not None),
+        service(endpoint, settings),
+        deployment(endpoint, settings),
+        disruption_budget(endpoint),
+    ]
+
+
+def replica_correction(current: int | None, endpoint: LLMEndpoint) -> int | None:
+    """The replica count to set when the Deployment's is outside [minReplicas, maxReplicas], else None.
+
+    Within the bounds the count is the autoscaler's (or a person's `kubectl scale`) and is left alone."""
+    scaling = endpoint.spec.scaling
+    count = 1 if current is None else current
+    bounded = min(max(count, scaling.min_replicas), scaling.max_replicas)
+    return None if bounded == count else bounded

@@ -1,0 +1,230 @@
+"""`compute_status(...)`: what an endpoint's children say about it, as its status. Pure.
+
+Phases: Pending (not placed or not started), Loading (started, not yet ready), Running (at least one ready
+replica), ScaledToZero (no replica wanted), Failed (no ready replica and something a person must fix).
+Conditions follow metav1.Condition, so kstatus (Argo CD, Flux) reads `Ready` and `observedGeneration`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from llm_operator.api.v1alpha1 import Condition, ConditionType, LLMEndpoint, LLMEndpointStatus, Phase
+from llm_operator.settings import GPU_RESOURCE
+
+Manifest = dict[str, Any]
+
+# container waiting reasons that need a person, most telling first
+BROKEN_WAITING = (
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+    "CrashLoopBackOff",
+)
+_ERR_IMAGE = {"ErrImagePull": "ImagePullBackOff"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One fact about the endpoint's pods or Deployment, with a reason and a message a person can act on."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The facts compute_status decides from."""
+
+    desired: int
+    ready: int
+    rolling_out: bool
+    live_pods: int
+    broken: Finding | None
+    unschedulable: Finding | None
+    loading: Finding | None
+    starting: Finding | None
+
+
+def _conditions(obj: Manifest) -> dict[str, Manifest]:
+    return {c.get("type", ""): c for c in obj.get("status", {}).get("conditions") or ()}
+
+
+def _event_time(event: Manifest) -> str:
+    for key in ("lastTimestamp", "eventTime", "firstTimestamp"):
+        if event.get(key):
+            return str(event[key])
+    return str(event.get("metadata", {}).get("creationTimestamp", ""))
+
+
+def scheduler_message(pod: Manifest, events: list[Manifest]) -> str:
+    """The scheduler's latest word on why a pod is not placed: its FailedScheduling event, else the
+    pod's PodScheduled condition."""
+    name = pod["metadata"]["name"]
+    mine = [
+        e
+        for e in events
+        if e.get("reason") == "FailedScheduling" and e.get("involvedObject", {}).get("name") == name
+    ]
+    if mine:
+        return str(max(mine, key=_event_time).get("message", "")).strip()
+    return str(_conditions(pod).get("PodScheduled", {}).get("message", "")).strip()
+
+
+def _waiting(pod: Manifest) -> tuple[str, str] | None:
+    """(reason, message) of the pod's worst waiting container, if one is broken."""
+    found: list[tuple[int, str, str]] = []
+    for status in pod.get("status", {}).get("containerStatuses") or ():
+        waiting = status.get("state", {}).get("waiting") or {}
+        reason = waiting.get("reason", "")
+        if reason not in BROKEN_WAITING:
+            continue
+        message = str(waiting.get("message", "")).strip()
+        terminated = status.get("lastState", {}).get("terminated")
+        if reason == "CrashLoopBackOff" and terminated:
+            exit_reason = terminated.get("reason", "Error")
+            message = f"last exit {terminated.get('exitCode', '?')} ({exit_reason}) after {status.get('restartCount', 0)} restarts"
+        found.append((BROKEN_WAITING.index(reason), _ERR_IMAGE.get(reason, reason), message))
+    if not found:
+        return None
+    _, reason, message = min(found)
+    return reason, message
+
+
+def _pod_ready(pod: Manifest) -> bool:
+    return _conditions(pod).get("Ready", {}).get("status") == "True"
+
+
+def observe(endpoint: LLMEndpoint, deployment: Manifest | None, pods: list[Manifest], events: list[Manifest]) -> Observation:
+    """Reduce the children to the facts that decide phase and conditions."""
+    if deployment is None:
+        return Observation(0, 0, True, 0, None, None, None, None)
+    spec, state = deployment.get("spec", {}), deployment.get("status", {})
+    desired = int(spec.get("replicas", 1))
+    ready = int(state.get("readyReplicas") or 0)
+    generation = deployment.get("metadata", {}).get("generation", 0)
+    rolling_out = state.get("observedGeneration", 0) < generation or int(state.get("updatedReplicas") or 0) < desired
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp") and p.get("status", {}).get("phase") in (None, "Pending", "Running")]
+
+    broken = unschedulable = loading = starting = None
+    conditions = _conditions(deployment)
+    failure = conditions.get("ReplicaFailure", {})
+    if failure.get("status") == "True":
+        broken = Finding(failure.get("reason") or "ReplicaFailure", str(failure.get("message", "")))
+    progressing = conditions.get("Progressing", {})
+    if progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded":
+        broken = broken or Finding("ProgressDeadlineExceeded", str(progressing.get("message", "")))
+
+    waiting_pods = [(p, w) for p in live if (w := _waiting(p))]
+    if waiting_pods:
+        reason, message = min((w for _, w in waiting_pods), key=lambda w: BROKEN_WAITING.index(w[0]))
+        count = sum(1 for _, w in waiting_pods if w[0] == reason)
+        broken = Finding(reason, f"{count} pod(s) in {reason}: {message}".rstrip(": "))
+
+    pending = [p for p in live if _conditions(p).get("PodScheduled", {}).get("reason") == "Unschedulable"]
+    if pending:
+        gpus = endpoint.spec.gpus
+        what = f"{gpus} {GPU_RESOURCE}" if gpus else "a node"
+        if endpoint.spec.accelerator:
+            what += f" ({endpoint.spec.accelerator.type})"
+        reason = "WaitingForGPU" if gpus else "Unschedulable"
+        unschedulable = Finding(reason, f"{len(pending)} pod(s) need {what}: {scheduler_message(pending[0], events)}")
+
+    not_ready = [p for p in live if not _pod_ready(p) and p not in pending]
+    running = [p for p in not_ready if p.get("status", {}).get("phase") == "Running"]
+    if running:
+        loading = Finding("ModelLoading", f"{len(running)} replica(s) loading {_model_name(endpoint)}")
+    if len(running) < len(not_ready):
+        starting = Finding("ContainerCreating", f"{len(not_ready) - len(running)} pod(s) starting")
+    return Observation(desired, ready, rolling_out, len(live), broken, unschedulable, loading, starting)
+
+
+def _model_name(endpoint: LLMEndpoint) -> str:
+    model = endpoint.spec.model
+    if model.pvc:
+        return f"pvc {model.pvc.claim_name}/{model.pvc.sub_path}".rstrip("/")
+    return model.repository or model.path or f"package {model.package}"
+
+
+def decide(seen: Observation) -> tuple[Phase, dict[ConditionType, tuple[bool, str, str]]]:
+    """Phase and each condition's (status, reason, message) from the observed facts."""
+    ratio = f"{seen.ready}/{seen.desired} replicas ready"
+    blocker = seen.unschedulable or seen.loading or seen.starting
+    if seen.desired == 0:
+        phase: Phase = "ScaledToZero"
+        ready = (True, "ScaledToZero", "no replica runs; the gateway starts one on the next request")
+    elif seen.ready >= 1:
+        phase = "Running"
+        ready = (True, "Serving", ratio)
+    elif seen.broken:
+        phase = "Failed"
+        ready = (False, seen.broken.reason, seen.broken.message)
+    elif seen.unschedulable:
+        phase = "Pending"
+        ready = (False, seen.unschedulable.reason, seen.unschedulable.message)
+    elif seen.loading:
+        phase = "Loading"
+        ready = (False, seen.loading.reason, seen.loading.message)
+    elif seen.starting:
+        phase = "Pending"
+        ready = (False, seen.starting.reason, seen.starting.message)
+    else:
+        phase = "Pending"
+        ready = (False, "Creating", "waiting for the serving pods to be created")
+
+    if phase == "Failed" and seen.broken:
+        progressing = (False, seen.broken.reason, seen.broken.message)
+    elif seen.desired == 0 and seen.live_pods:
+        progressing = (True, "ScalingDown", f"{seen.live_pods} pod(s) stopping")
+    elif seen.ready < seen.desired or seen.rolling_out:
+        finding = blocker or Finding("RollingOut", ratio)
+        progressing = (True, finding.reason, finding.message)
+    else:
+        progressing = (False, "Stable", ratio)
+    degraded = (True, seen.broken.reason, seen.broken.message) if seen.broken else (False, "Healthy", "")
+    scaled = (seen.desired == 0, "ScaledToZero" if seen.desired == 0 else "Scaled", ratio)
+    return phase, {"Ready": ready, "Progressing": progressing, "ScaledToZero": scaled, "Degraded": degraded}
+
+
+def compute_status(
+    endpoint: LLMEndpoint,
+    deployment: Manifest | None,
+    pods: list[Manifest],
+    events: list[Manifest],
+    now: datetime,
+    url: str,
+) -> LLMEndpointStatus:
+    """The endpoint's whole status; a condition keeps its lastTransitionTime while its status holds."""
+    seen = observe(endpoint, deployment, pods, events)
+    phase, verdicts = decide(seen)
+    generation = endpoint.metadata.generation
+    conditions = []
+    for kind, (flag, reason, message) in verdicts.items():
+        status = "True" if flag else "False"
+        previous = endpoint.status.condition(kind)
+        since = previous.last_transition_time if previous and previous.status == status else now
+        conditions.append(
+            Condition(
+                type=kind,
+                status=status,
+                observed_generation=generation,
+                last_transition_time=since,
+                reason=reason,
+                message=message,
+            )
+        )
+    return LLMEndpointStatus(
+        phase=phase,
+        url=url,
+        replicas=seen.desired,
+        ready_replicas=seen.ready,
+        ready=f"{seen.ready}/{seen.desired}",
+        observed_generation=generation,
+        last_request_time=endpoint.status.last_request_time,
+        conditions=conditions,
+    )

@@ -1,0 +1,77 @@
+"""Domain errors and the one table that maps each to an HTTP status and a TGI `error_type`."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ServingError(Exception):
+    """Base of every error a client can see; subclasses fix the status and the error type."""
+
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "generation"
+    prefix: ClassVar[str] = ""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def text(self) -> str:
+        """The message as TGI writes it, with its prefix."""
+        return f"{self.prefix}{self.message}"
+
+    def body(self) -> dict[str, str]:
+        """The TGI `ErrorResponse` body."""
+        return {"error": self.text, "error_type": self.error_type}
+
+    def openai_stream_body(self) -> dict[str, object]:
+        """The error event TGI sends inside an OpenAI-style stream."""
+        return {"error": {"message": self.text, "http_status_code": self.status}}
+
+
+class ValidationError(ServingError):
+    """A request that breaks one of TGI's validation rules."""
+
+    status = 422
+    error_type = "validation"
+    prefix = "Input validation error: "
+
+
+class OverloadedError(ServingError):
+    """The concurrency limit is reached; the client should retry later."""
+
+    status = 429
+    error_type = "overloaded"
+
+    def __init__(self, message: str = "Model is overloaded") -> None:
+        super().__init__(message)
+
+
+class GenerationError(ServingError):
+    """The model failed while generating."""
+
+    status = 424
+    error_type = "generation"
+    prefix = "Request failed during generation: "
+
+
+class IncompleteGenerationError(ServingError):
+    """Generation ended without a final token (e.g. the engine stopped)."""
+
+    status = 500
+    error_type = "incomplete_generation"
+
+
+class TemplateError(ServingError):
+    """The chat template could not be rendered."""
+
+    status = 422
+    error_type = "template_error"
+
+
+class UnhealthyError(ServingError):
+    """The model is not loaded yet, or the server is draining."""
+
+    status = 503
+    error_type = "healthcheck"

@@ -1,0 +1,35 @@
+"""Per-request sampling and stopping parameters, already validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen for one request (TGI semantics: any warper implies sampling)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    watermark: bool = False
+    seed: int | None = None
+    top_n_tokens: int = 0
+
+    @property
+    def warps(self) -> bool:
+        """Whether a sampling warper (temperature, top-k/p, typical-p) is active."""
+        return self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0 or self.typical_p < 1.0
+
+
+@dataclass(frozen=True)
+class StoppingParams:
+    """When a request stops: token budget, stop strings, EOS."""
+
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False

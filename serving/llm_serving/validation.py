@@ -1,0 +1,137 @@
+"""TGI's validation rules: raw parameters -> `ValidParameters`, or a `ValidationError` with TGI's message."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from llm_serving.config import Limits
+from llm_serving.errors import ValidationError
+from llm_serving.protocol.tgi import GenerateParameters
+from llm_serving.sampling.params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ValidParameters:
+    """Parameters that passed every rule that does not need the token count."""
+
+    sampling: SamplingParams
+    max_new_tokens: int | None
+    stop: tuple[str, ...]
+    best_of: int
+    truncate: int | None
+    details: bool
+    decoder_input_details: bool
+    return_full_text: bool | None
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    """A fully validated request: token ids, resolved budget and parameters."""
+
+    inputs: str
+    input_ids: tuple[int, ...]
+    max_new_tokens: int
+    params: ValidParameters
+
+
+def _check_open_unit(name: str, value: float | None) -> float:
+    if value is None:
+        return 1.0
+    if not 0.0 < value < 1.0:
+        raise ValidationError(f"`{name}` must be > 0.0 and < 1.0")
+    return value
+
+
+def validate_parameters(
+    p: GenerateParameters, limits: Limits, *, stream: bool, rng: random.Random | None = None
+) -> ValidParameters:
+    """Apply every rule of TGI's `validate()` that does not need the tokenized input."""
+    sampling = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
+    best_of = 1 if p.best_of is None else p.best_of
+    if best_of != 1 and stream:
+        raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
+    if best_of > 1 and not sampling:
+        raise ValidationError("you must use sampling when `best_of` is > 1")
+    if not 0 < best_of <= limits.max_best_of:
+        raise ValidationError(f"`best_of` must be > 0 and <= {limits.max_best_of}. Given: {best_of}")
+    if best_of > 1 and p.seed is not None:
+        raise ValidationError("`seed` must not be set when `best_of` > 1")
+    if p.decoder_input_details and stream:
+        raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
+    temperature = 1.0 if p.temperature is None else p.temperature
+    if temperature <= 0.0:
+        raise ValidationError("`temperature` must be strictly positive")
+    repetition_penalty = 1.0 if p.repetition_penalty is None else p.repetition_penalty
+    if repetition_penalty <= 0.0:
+        raise ValidationError("`repetition_penalty` must be strictly positive")
+    frequency_penalty = 0.0 if p.frequency_penalty is None else p.frequency_penalty
+    if not -2.0 <= frequency_penalty <= 2.0:
+        raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
+    top_p = _check_open_unit("top_p", p.top_p)
+    typical_p = _check_open_unit("typical_p", p.typical_p)
+    top_k = 0 if p.top_k is None else p.top_k
+    if p.top_k is not None and top_k <= 0:
+        raise ValidationError("`top_k` must be strictly positive")
+    if p.max_new_tokens == 0:
+        raise ValidationError("`max_new_tokens` must be strictly positive")
+    stop = tuple(p.stop or ())
+    if len(stop) > limits.max_stop_sequences:
+        raise ValidationError(
+            f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(stop)}"
+        )
+    top_n = p.top_n_tokens or 0
+    if top_n > limits.max_top_n_tokens:
+        raise ValidationError(f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. Given: {top_n}")
+    if p.truncate is not None and not 0 < p.truncate <= limits.max_input_tokens:
+        raise ValidationError(
+            f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. Given: {p.truncate}"
+        )
+    if p.grammar is not None:
+        raise ValidationError("grammar is not supported")
+    seed = p.seed
+    if seed is None and sampling and best_of == 1:
+        seed = (rng or random.Random()).getrandbits(63)
+    params = SamplingParams(
+        do_sample=sampling,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        typical_p=typical_p,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        watermark=p.watermark,
+        seed=seed,
+        top_n_tokens=top_n,
+    )
+    return ValidParameters(
+        sampling=params,
+        max_new_tokens=p.max_new_tokens,
+        stop=stop,
+        best_of=best_of,
+        truncate=p.truncate,
+        details=p.details,
+        decoder_input_details=p.decoder_input_details,
+        return_full_text=p.return_full_text,
+    )
+
+
+def validate_input(inputs: str, input_ids: list[int], params: ValidParameters, limits: Limits) -> ValidRequest:
+    """Check the tokenized input against the length limits; truncate (left) and resolve `max_new_tokens`."""
+    if not inputs:
+        raise ValidationError("`inputs` cannot be empty")
+    ids = input_ids[-params.truncate :] if params.truncate is not None else input_ids
+    n = len(ids)
+    if n > limits.max_input_tokens:
+        raise ValidationError(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {n}")
+    max_new = params.max_new_tokens
+    if max_new is None:
+        max_new = limits.max_total_tokens - n
+    if n + max_new > limits.max_total_tokens:
+        raise ValidationError(
+            f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
+            f"Given: {n} `inputs` tokens and {max_new} `max_new_tokens`"
+        )
+    if n == 0:
+        raise ValidationError("`inputs` cannot be empty")
+    return ValidRequest(inputs=inputs, input_ids=tuple(ids), max_new_tokens=max_new, params=params)
