@@ -18,6 +18,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -34,6 +35,7 @@ from kubernetes import config as k8s_config
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / "tests" / "cluster" / "tools"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+NODE_AGENT = "node-agent"
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -83,7 +85,7 @@ def free_port() -> int:
         return port
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: SIGKILL it when the harness process dies, however it dies."""
     pr_set_pdeathsig = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
@@ -267,25 +269,37 @@ class Cluster:
                 "Run `make cluster-bin` to build them from Go modules."
             )
 
-    def _launch(self, name: str, args: list[str]) -> Process:
+    def start_node_agent(self, node: str = "local-0", gpus: int = 4) -> None:
+        """Starts tests/cluster/node_agent.py: it runs the pods bound to `node` as local processes."""
+        args = ["-m", "tests.cluster.node_agent", f"--kubeconfig={self.kubeconfig}", f"--node={node}"]
+        args += [f"--gpus={gpus}", f"--workdir={self.workdir}"]
+        self._spawn(NODE_AGENT, args, lambda: self._nodes_ready([node]), executable=sys.executable)
+
+    def pod_log(self, namespace: str, pod: str, container: str = "serving") -> Path:
+        """Where the node agent writes a pod's container output."""
+        return self.workdir / "pods" / f"{namespace}_{pod}" / f"{container}.log"
+
+    def _launch(self, name: str, args: list[str], executable: str | None = None) -> Process:
         log = self.logs / f"{name}.log"
-        argv = [str(self.bin_dir / name), *args, *self.extra_args.get(name, ())]
+        argv = [executable or str(self.bin_dir / name), *args, *self.extra_args.get(name, ())]
         with log.open("ab") as out:
             popen = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=self.workdir,
+                cwd=ROOT if executable else self.workdir,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         process = Process(name, popen, log)
         self.processes.append(process)
         return process
 
-    def _spawn(self, name: str, args: list[str], healthy: Callable[[], bool]) -> Process:
-        process = self._launch(name, args)
+    def _spawn(
+        self, name: str, args: list[str], healthy: Callable[[], bool], executable: str | None = None
+    ) -> Process:
+        process = self._launch(name, args, executable)
         self._wait_healthy(process, healthy)
         return process
 

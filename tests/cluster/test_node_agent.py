@@ -1,0 +1,122 @@
+"""The local node agent (test infrastructure standing in for a kubelet) runs pods as local processes."""
+
+from __future__ import annotations
+
+import base64
+import sys
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import pytest
+from kubernetes import client as k8s
+
+from tests.cluster.harness import Cluster
+from tests.cluster.node_agent import AGENT_LABEL
+from tests.cluster.test_control_plane import eventually
+
+pytestmark = pytest.mark.cluster
+NODE = "agent-test-0"
+
+
+@pytest.fixture(scope="module")
+def agent_node(cluster: Cluster) -> str:
+    cluster.start_node_agent(NODE, gpus=2)
+    return NODE
+
+
+@pytest.fixture
+def core(cluster: Cluster) -> Iterator[k8s.CoreV1Api]:
+    with cluster.api_client() as api:
+        yield k8s.CoreV1Api(api)
+
+
+@pytest.fixture
+def namespace(core: k8s.CoreV1Api) -> Iterator[str]:
+    name = f"agent-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    core.delete_namespace(name)
+
+
+def pod(name: str, command: list[str], **container: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": {AGENT_LABEL: "true"},
+            "terminationGracePeriodSeconds": 5,
+            "containers": [
+                {
+                    "name": "serving",
+                    "image": "not-pulled",
+                    "command": command,
+                    "resources": {"limits": {"nvidia.com/gpu": "1"}},
+                    **container,
+                }
+            ],
+        },
+    }
+
+
+HTTP_SERVER = [sys.executable, "-m", "http.server", "--bind", "$(LLM_SERVING_HOST)", "$(PORT)"]
+
+
+def test_a_pod_runs_as_a_local_process_and_becomes_ready(
+    cluster: Cluster, core: k8s.CoreV1Api, namespace: str, agent_node: str
+) -> None:
+    node = core.read_node(agent_node)
+    assert node.status.allocatable["nvidia.com/gpu"] == "2"
+    core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "tok"}, "data": {"t": base64.b64encode(b"s3").decode()}}
+    )
+    body = pod(
+        "web",
+        [*HTTP_SERVER],
+        ports=[{"name": "http", "containerPort": 18080}],
+        env=[
+            {"name": "PORT", "value": "18080"},
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "tok", "key": "t"}}},
+            {"name": "ME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ],
+        readinessProbe={"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
+    )
+    core.create_namespaced_pod(namespace, body)
+
+    def ready() -> Any:
+        current = core.read_namespaced_pod("web", namespace)
+        conditions = {c.type: c.status for c in current.status.conditions or ()}
+        return current if conditions.get("Ready") == "True" else None
+
+    running = eventually(ready, what="the pod to be Ready")
+    assert running.spec.node_name == agent_node
+    assert running.status.phase == "Running"
+    assert running.status.pod_ip.startswith("127.")
+    with urllib.request.urlopen(f"http://{running.status.pod_ip}:18080/", timeout=5) as response:
+        assert response.status == 200
+    (process,) = [
+        p
+        for p in psutil.process_iter(["cmdline", "environ"])
+        if "http.server" in " ".join(p.info["cmdline"] or ()) and (p.info["environ"] or {}).get("ME") == "web"
+    ]
+    assert process.environ()["TOKEN"] == "s3"
+
+    core.delete_namespaced_pod("web", namespace)
+    eventually(lambda: not process.is_running() or process.status() == psutil.STATUS_ZOMBIE, what="SIGTERM")
+    eventually(lambda: not core.list_namespaced_pod(namespace).items, what="the pod object to be removed")
+
+
+def test_a_crashing_container_is_restarted_with_back_off(
+    core: k8s.CoreV1Api, namespace: str, agent_node: str
+) -> None:
+    core.create_namespaced_pod(namespace, pod("crash", [sys.executable, "-c", "raise SystemExit(3)"]))
+
+    def restarted() -> Any:
+        status = core.read_namespaced_pod("crash", namespace).status
+        statuses = status.container_statuses or []
+        return statuses[0] if statuses and statuses[0].restart_count >= 2 else None
+
+    container = eventually(restarted, what="two restarts")
+    assert container.last_state.terminated.exit_code == 3
+    assert container.ready is False
