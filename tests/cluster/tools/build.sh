@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Builds the test control plane from Go modules, once: kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubectl, etcd, kwok and helm land in $LLME_BIN_DIR, by default
-# ~/.cache/llm-endpoints/cluster-bin/<kubernetes version>-<hash of versions.env>/bin: outside the clone,
-# like Go's own module and build caches, so a fresh clone on a warm machine builds nothing, and keyed by
-# every pinned version, so bumping one builds a new set. A binary that is already there is kept.
+# ~/.cache/llm-endpoints/cluster-bin/<kubernetes version>-<hash of versions.env and this script>/bin:
+# outside the clone, like Go's own module and build caches, so a fresh clone on a warm machine builds
+# nothing, and keyed by every pinned version and build flag, so changing one builds a new set. A binary that is already there is kept.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
 source "$here/versions.env"
-key=$KUBERNETES_VERSION-$(sha256sum "$here/versions.env" | cut -c1-8)
+key=$KUBERNETES_VERSION-$(cat "$here/versions.env" "$here/build.sh" | sha256sum | cut -c1-8)
 bin=${LLME_BIN_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/llm-endpoints/cluster-bin/$key/bin}
 mkdir -p "$bin"
 export CGO_ENABLED=0 GOFLAGS=-trimpath
@@ -34,7 +34,13 @@ build kubernetes kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler "$kver"
 build kubernetes kubectl k8s.io/kubernetes/cmd/kubectl "$kver"
 build etcd etcd go.etcd.io/etcd/server/v3
 build kwok kwok sigs.k8s.io/kwok/cmd/kwok "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
-build helm helm helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+# helm's default capabilities (what `helm template` and `helm lint` assume) follow our Kubernetes version.
+hminor=$(cut -d. -f2 <<<"$KUBERNETES_VERSION")
+hflags="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+  hflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$hminor"
+done
+build helm helm helm.sh/helm/v3/cmd/helm "$hflags"
 # kwok needs Stage objects that say how simulated nodes and pods move through their lifecycle; it ships
 # them as YAML in its module. They are read from there at build time, never copied into this repository.
 stages=$bin/../kwok-stages
