@@ -5,7 +5,9 @@ Node: it registers the Node with CPU-only "GPU" capacity (`nvidia.com/gpu`), and
 scheduler binds to it, it starts the first container's command and arguments as a local process (the
 image is ignored: the command must exist on this machine, e.g. `torchrun` from the project's virtualenv)
 with the container's environment resolved, on a loopback address of its own that it reports as the pod
-IP. It runs the readiness probe to set Ready, restarts exited containers with back-off, sends SIGTERM and
+IP. Like a kubelet it gives the process its ServiceAccount's identity: a kubeconfig holding a token issued
+for that account (TokenRequest API), named by `KUBECONFIG`, so RBAC applies as in a cluster. It runs the
+readiness probe to set Ready, restarts exited containers with back-off, sends SIGTERM and
 then SIGKILL after the grace period when a pod is deleted, and writes each container's output to
 `<workdir>/pods/<namespace>_<pod>/<container>.log`.
 
@@ -95,6 +97,13 @@ class LocalPod:
         return f"{self.pod.metadata.namespace}/{self.pod.metadata.name}"
 
     @property
+    def directory(self) -> Path:
+        """This pod's files: container logs and its ServiceAccount kubeconfig."""
+        path = self.agent.workdir / "pods" / f"{self.pod.metadata.namespace}_{self.pod.metadata.name}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
     def container(self) -> Any:
         return self.pod.spec.containers[0]
 
@@ -121,13 +130,15 @@ class LocalPod:
 
     def _env(self) -> dict[str, str]:
         env = {
-            "PATH": os.environ["PATH"],
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
             "HOME": os.environ.get("HOME", "/root"),
             "HOSTNAME": self.pod.metadata.name,
             HOST_ENV: self.ip,
             "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
             "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         }
+        if self.pod.spec.automount_service_account_token is not False:
+            env["KUBECONFIG"] = str(self.agent.service_account_kubeconfig(self.pod, self.directory))
         for var in self.container.env or ():
             env[var.name] = self.agent.resolve(self.pod, var, env)
         return env
@@ -137,9 +148,7 @@ class LocalPod:
         argv = [expand(a, env) for a in [*(self.container.command or ()), *(self.container.args or ())]]
         if not argv:
             raise ValueError("the container has no command: the agent cannot run images")
-        logs = self.agent.workdir / "pods" / f"{self.pod.metadata.namespace}_{self.pod.metadata.name}"
-        logs.mkdir(parents=True, exist_ok=True)
-        with (logs / f"{self.container.name}.log").open("ab") as out:
+        with (self.directory / f"{self.container.name}.log").open("ab") as out:
             self.process = subprocess.Popen(
                 argv,
                 env=env,
@@ -331,6 +340,30 @@ class NodeAgent:
                 self.core.patch_node_status(self.node, {"status": self._node_conditions()})
             except ApiException as error:
                 log.warning("heartbeat failed: %s", error.reason)
+
+    def service_account_kubeconfig(self, pod: Any, directory: Path) -> Path:
+        """A kubeconfig that authenticates as the pod's ServiceAccount, with a token the API server issues."""
+        account = pod.spec.service_account_name or "default"
+        request = {"spec": {"audiences": [], "expirationSeconds": 86400}}
+        token = self.core.create_namespaced_service_account_token(account, pod.metadata.namespace, request)
+        admin = self.api.configuration
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "local",
+                    "cluster": {"server": admin.host, "certificate-authority": admin.ssl_ca_cert},
+                }
+            ],
+            "users": [{"name": account, "user": {"token": token.status.token}}],
+            "contexts": [{"name": "pod", "context": {"cluster": "local", "user": account}}],
+            "current-context": "pod",
+        }
+        path = directory / "kubeconfig"
+        path.write_text(json.dumps(config))
+        path.chmod(0o600)
+        return path
 
     def resolve(self, pod: Any, var: Any, env: dict[str, str]) -> str:
         """An env var's value: literal (with $(VAR) expansion), Secret or ConfigMap key, or pod field."""

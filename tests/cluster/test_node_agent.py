@@ -120,3 +120,19 @@ def test_a_crashing_container_is_restarted_with_back_off(
     container = eventually(restarted, what="two restarts")
     assert container.last_state.terminated.exit_code == 3
     assert container.ready is False
+
+
+def test_a_pod_acts_as_its_service_account(
+    cluster: Cluster, core: k8s.CoreV1Api, namespace: str, agent_node: str
+) -> None:
+    whoami = [
+        str(cluster.bin_dir / "kubectl"),
+        "auth",
+        "whoami",
+        "-o",
+        "jsonpath={.status.userInfo.username}",
+    ]
+    core.create_namespaced_pod(namespace, pod("who", whoami))
+    log = cluster.pod_log(namespace, "who")
+    expected = f"system:serviceaccount:{namespace}:default"
+    eventually(lambda: log.exists() and expected in log.read_text(), what=f"{expected} in {log}")

