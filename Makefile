@@ -11,7 +11,10 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help run test lint typecheck unit cluster-tests serving-tests e2e crds check-crds cluster-bin bench venv clean
+HELM = $(shell $(PY) -c "from tests.cluster.harness import default_bin_dir; print(default_bin_dir() / 'helm')")
+CRD_OUTPUTS := crds/llmendpoints.yaml charts/llm-endpoints/crds/llmendpoints.yaml
+
+.PHONY: help run test lint typecheck generated unit cluster-tests serving-tests crds manifests cluster-bin bench venv clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -19,7 +22,7 @@ help:  ## List the targets
 run: venv cluster-bin  ## Start the local control plane and the operator (Ctrl-C stops everything)
 	$(PY) -m tests.cluster.local
 
-test: venv cluster-bin lint typecheck  ## Lint, type-check, then every test suite
+test: venv cluster-bin lint typecheck generated  ## Lint, type-check, check generated files, then every test suite
 	$(PY) -m pytest tests
 
 lint: venv  ## ruff
@@ -27,6 +30,23 @@ lint: venv  ## ruff
 
 typecheck: venv  ## mypy --strict on our packages and tests
 	$(VENV)/bin/mypy
+
+generated: venv cluster-bin  ## Fail when crds/ or dist/install.yaml differ from what their sources generate
+	@for out in $(CRD_OUTPUTS); do $(PY) -m llm_operator.api.crd --check --output $$out || exit 1; done
+	@$(MAKE) -s --no-print-directory install-yaml | diff -u dist/install.yaml - >/dev/null \
+	  || { echo "dist/install.yaml is stale: run 'make manifests'"; exit 1; }
+
+crds: venv  ## Regenerate the CRD from the pydantic models (crds/ and the chart's copy)
+	@for out in $(CRD_OUTPUTS); do $(PY) -m llm_operator.api.crd --output $$out; done
+
+manifests: venv cluster-bin crds  ## Render dist/install.yaml from the Helm chart
+	@mkdir -p dist && $(MAKE) -s --no-print-directory install-yaml > dist/install.yaml
+
+install-yaml:
+	@printf -- '# llm-endpoints install manifest, rendered from charts/llm-endpoints by `make manifests`.\n'
+	@printf -- '# Apply with: kubectl apply --server-side -f install.yaml\n'
+	@printf -- '---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: llm-system\n'
+	@$(HELM) template llm-endpoints charts/llm-endpoints --namespace llm-system --include-crds
 
 unit: venv  ## Pure-function tests only (seconds)
 	$(PY) -m pytest tests/unit

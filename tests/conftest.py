@@ -20,6 +20,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         control_plane.stop()
 
 
+@pytest.fixture(scope="session")
+def local_node(cluster: Cluster) -> str:
+    """A Node with 4 CPU-backed "GPUs" whose pods the local node agent runs as real processes.
+
+    It is tainted: pods land there only with `tests.cluster.node_agent.AGENT_PLACEMENT`.
+    """
+    cluster.start_node_agent("local-0", gpus=4)
+    return "local-0"
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]

@@ -72,8 +72,7 @@ def default_bin_dir() -> Path:
     """Where `make cluster-bin` puts the binaries ($LLME_BIN_DIR overrides); keyed like build.sh keys it."""
     if env := os.environ.get("LLME_BIN_DIR"):
         return Path(env)
-    inputs = (TOOLS / "versions.env").read_bytes() + (TOOLS / "build.sh").read_bytes()
-    digest = hashlib.sha256(inputs).hexdigest()[:8]
+    digest = hashlib.sha256((TOOLS / "versions.env").read_bytes()).hexdigest()[:8]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "llm-endpoints" / "cluster-bin" / f"{versions()['KUBERNETES_VERSION']}-{digest}" / "bin"
 

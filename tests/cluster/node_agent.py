@@ -47,6 +47,9 @@ from tests.cluster.harness import die_with_parent
 
 log = logging.getLogger("node-agent")
 AGENT_LABEL = "llm-endpoints.io/local-node-agent"
+# The node is tainted so that only pods meant for real local processes land on it; they carry both.
+AGENT_TOLERATION = {"key": AGENT_LABEL, "operator": "Exists", "effect": "NoSchedule"}
+AGENT_PLACEMENT = {"nodeSelector": {AGENT_LABEL: "true"}, "tolerations": [AGENT_TOLERATION]}
 HOST_ENV = "LLM_SERVING_HOST"
 HEARTBEAT_SECONDS = 10
 BACKOFF_MAX_SECONDS = 30
@@ -293,7 +296,8 @@ class NodeAgent:
                     "nvidia.com/gpu.product": "local-cpu",
                     "nvidia.com/gpu.count": str(self.gpus),
                 },
-            }
+            },
+            "spec": {"taints": [{"key": AGENT_LABEL, "value": "true", "effect": "NoSchedule"}]},
         }
         with contextlib.suppress(ApiException):
             self.core.delete_node(self.node)

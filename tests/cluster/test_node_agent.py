@@ -14,17 +14,10 @@ import pytest
 from kubernetes import client as k8s
 
 from tests.cluster.harness import Cluster
-from tests.cluster.node_agent import AGENT_LABEL
+from tests.cluster.node_agent import AGENT_PLACEMENT
 from tests.cluster.test_control_plane import eventually
 
 pytestmark = pytest.mark.cluster
-NODE = "agent-test-0"
-
-
-@pytest.fixture(scope="module")
-def agent_node(cluster: Cluster) -> str:
-    cluster.start_node_agent(NODE, gpus=2)
-    return NODE
 
 
 @pytest.fixture
@@ -45,7 +38,7 @@ def pod(name: str, command: list[str], **container: Any) -> dict[str, Any]:
     return {
         "metadata": {"name": name},
         "spec": {
-            "nodeSelector": {AGENT_LABEL: "true"},
+            **AGENT_PLACEMENT,
             "terminationGracePeriodSeconds": 5,
             "containers": [
                 {
@@ -64,10 +57,10 @@ HTTP_SERVER = [sys.executable, "-m", "http.server", "--bind", "$(LLM_SERVING_HOS
 
 
 def test_a_pod_runs_as_a_local_process_and_becomes_ready(
-    cluster: Cluster, core: k8s.CoreV1Api, namespace: str, agent_node: str
+    cluster: Cluster, core: k8s.CoreV1Api, namespace: str, local_node: str
 ) -> None:
-    node = core.read_node(agent_node)
-    assert node.status.allocatable["nvidia.com/gpu"] == "2"
+    node = core.read_node(local_node)
+    assert node.status.allocatable["nvidia.com/gpu"] == "4"
     core.create_namespaced_secret(
         namespace, {"metadata": {"name": "tok"}, "data": {"t": base64.b64encode(b"s3").decode()}}
     )
@@ -90,7 +83,7 @@ def test_a_pod_runs_as_a_local_process_and_becomes_ready(
         return current if conditions.get("Ready") == "True" else None
 
     running = eventually(ready, what="the pod to be Ready")
-    assert running.spec.node_name == agent_node
+    assert running.spec.node_name == local_node
     assert running.status.phase == "Running"
     assert running.status.pod_ip.startswith("127.")
     with urllib.request.urlopen(f"http://{running.status.pod_ip}:18080/", timeout=5) as response:
@@ -108,7 +101,7 @@ def test_a_pod_runs_as_a_local_process_and_becomes_ready(
 
 
 def test_a_crashing_container_is_restarted_with_back_off(
-    core: k8s.CoreV1Api, namespace: str, agent_node: str
+    core: k8s.CoreV1Api, namespace: str, local_node: str
 ) -> None:
     core.create_namespaced_pod(namespace, pod("crash", [sys.executable, "-c", "raise SystemExit(3)"]))
 
@@ -123,7 +116,7 @@ def test_a_crashing_container_is_restarted_with_back_off(
 
 
 def test_a_pod_acts_as_its_service_account(
-    cluster: Cluster, core: k8s.CoreV1Api, namespace: str, agent_node: str
+    cluster: Cluster, core: k8s.CoreV1Api, namespace: str, local_node: str
 ) -> None:
     whoami = [
         str(cluster.bin_dir / "kubectl"),

@@ -1,24 +1,21 @@
 #!/usr/bin/env bash
 # Builds the test control plane from Go modules, once: kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubectl, etcd, kwok and helm land in $LLME_BIN_DIR, by default
-# ~/.cache/llm-endpoints/cluster-bin/<kubernetes version>-<hash of versions.env and this script>/bin:
-# outside the clone, like Go's own module and build caches, so a fresh clone on a warm machine builds
-# nothing, and keyed by every pinned version and build flag, so changing one builds a new set. A binary that is already there is kept.
+# ~/.cache/llm-endpoints/cluster-bin/<kubernetes version>-<hash of versions.env>/bin: outside the clone,
+# like Go's own module and build caches, so a fresh clone on a warm machine builds nothing, and keyed by
+# every pinned version (and BUILD_REVISION, bumped when this script changes how a binary is built). A binary that is already there is kept.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
 source "$here/versions.env"
-key=$KUBERNETES_VERSION-$(cat "$here/versions.env" "$here/build.sh" | sha256sum | cut -c1-8)
+key=$KUBERNETES_VERSION-$(sha256sum <"$here/versions.env" | cut -c1-8)
 bin=${LLME_BIN_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/llm-endpoints/cluster-bin/$key/bin}
 mkdir -p "$bin"
 export CGO_ENABLED=0 GOFLAGS=-trimpath
 
 build() {  # build <tools module dir> <output name> <package> [ldflags]
   local dir=$1 name=$2 pkg=$3 ldflags=${4:-}
-  if [[ -x "$bin/$name" ]]; then
-    echo "cluster-bin: $name is built ($bin/$name)"
-    return
-  fi
+  [[ -x "$bin/$name" ]] && return
   echo "cluster-bin: building $name from $pkg (a cold build takes minutes) ..."
   local start=$SECONDS
   (cd "$here/$dir" && go build -ldflags "-s -w $ldflags" -o "$bin/$name.tmp" "$pkg")
@@ -53,4 +50,4 @@ if [[ ! -d "$stages" ]]; then
   chmod u+w "$stages.tmp"/*
   mv "$stages.tmp" "$stages"
 fi
-echo "cluster-bin: all binaries in $bin"
+echo "cluster-bin: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm in $bin"
