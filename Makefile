@@ -14,7 +14,7 @@ export PYTHONPATH := $(CURDIR)
 HELM = $(shell $(PY) -c "from tests.cluster.harness import default_bin_dir; print(default_bin_dir() / 'helm')")
 CRD_OUTPUTS := crds/llmendpoints.yaml charts/llm-endpoints/crds/llmendpoints.yaml
 
-.PHONY: help run test lint typecheck generated unit cluster-tests serving-tests crds manifests cluster-bin bench venv clean
+.PHONY: help run test lint typecheck generated unit cluster-tests serving-tests crds manifests install-yaml cluster-bin bench venv clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -33,11 +33,13 @@ typecheck: venv  ## mypy --strict on our packages and tests
 
 generated: venv cluster-bin  ## Fail when crds/ or dist/install.yaml differ from what their sources generate
 	@for out in $(CRD_OUTPUTS); do $(PY) -m llm_operator.api.crd --check --output $$out || exit 1; done
+	@$(PY) -m llm_operator.api.reference --check
 	@$(MAKE) -s --no-print-directory install-yaml | diff -u dist/install.yaml - >/dev/null \
 	  || { echo "dist/install.yaml is stale: run 'make manifests'"; exit 1; }
 
-crds: venv  ## Regenerate the CRD from the pydantic models (crds/ and the chart's copy)
+crds: venv  ## Regenerate the CRD from the pydantic models (crds/, the chart's copy, docs/api.md)
 	@for out in $(CRD_OUTPUTS); do $(PY) -m llm_operator.api.crd --output $$out; done
+	@$(PY) -m llm_operator.api.reference
 
 manifests: venv cluster-bin crds  ## Render dist/install.yaml from the Helm chart
 	@mkdir -p dist && $(MAKE) -s --no-print-directory install-yaml > dist/install.yaml

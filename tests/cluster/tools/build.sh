@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the test control plane from Go modules, once: kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, etcd, kwok and helm land in $LLME_BIN_DIR, by default
+# kube-scheduler, kubectl, etcd, kwok, helm and our kstatus command land in $LLME_BIN_DIR, by default
 # ~/.cache/llm-endpoints/cluster-bin/<kubernetes version>-<hash of versions.env>/bin: outside the clone,
 # like Go's own module and build caches, so a fresh clone on a warm machine builds nothing, and keyed by
 # every pinned version (and BUILD_REVISION, bumped when this script changes how a binary is built). A binary that is already there is kept.
@@ -38,6 +38,7 @@ for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
   hflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$hminor"
 done
 build helm helm helm.sh/helm/v3/cmd/helm "$hflags"
+build kstatus kstatus .
 # kwok needs Stage objects that say how simulated nodes and pods move through their lifecycle; it ships
 # them as YAML in its module. They are read from there at build time, never copied into this repository.
 stages=$bin/../kwok-stages
@@ -50,4 +51,4 @@ if [[ ! -d "$stages" ]]; then
   chmod u+w "$stages.tmp"/*
   mv "$stages.tmp" "$stages"
 fi
-echo "cluster-bin: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm in $bin"
+echo "cluster-bin: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm, kstatus in $bin"
