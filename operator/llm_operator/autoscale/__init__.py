@@ -1,0 +1,1 @@
+"""The autoscaler: gateway request metrics -> Deployment replicas."""

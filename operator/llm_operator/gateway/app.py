@@ -1,0 +1,395 @@
+"""The gateway's ASGI app: resolve the endpoint, check access, hold while it wakes, proxy bytes untouched.
+
+Stateless apart from what the watcher feeds in (`Gateway.set_table`), so any number of replicas can run.
+Errors use TGI's shape, `{"error": "...", "error_type": "..."}`; once a held SSE response has started, a
+refusal arrives as an SSE error event on the 200 stream, as TGI reports stream errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
+from starlette.types import Message, Receive, Scope, Send
+
+from llm_operator.gateway import auth
+from llm_operator.gateway.hold import (
+    TIMEOUT_HEADER,
+    HoldLimits,
+    HoldRefused,
+    Holds,
+    InvalidTimeoutHeader,
+    hold_timeout,
+)
+from llm_operator.gateway.metrics import GatewayMetrics
+from llm_operator.gateway.routing import Key, Route, RoutingTable, Target, pick, resolve, wants_stream
+
+log = logging.getLogger("llm_operator.gateway")
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+RESPONSE_HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-authenticate", b"trailer", b"transfer-encoding", b"upgrade", b"te"}
+)
+KEEPALIVE = b": waiting for a replica\n\n"
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """What the gateway's flags decide."""
+
+    path_prefix: str = "/endpoints"
+    hold: HoldLimits = field(default_factory=HoldLimits)
+    access: auth.AccessPolicy = field(default_factory=auth.AccessPolicy.from_cidrs)
+    keepalive_seconds: float = 5.0
+    """Interval of SSE keep-alive comments while a stream request is held."""
+    max_body_bytes: int = 4_000_000
+    connect_timeout: float = 5.0
+    connect_tries: int = 3
+    """Ready replicas tried, one after another, when connecting fails."""
+
+
+class ProxyError(Exception):
+    """A failure answered with a TGI-shaped error."""
+
+    def __init__(
+        self, status: int, error_type: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.error_type, self.headers = status, error_type, headers or {}
+
+
+def error_body(message: str, error_type: str) -> bytes:
+    return json.dumps({"error": message, "error_type": error_type}).encode()
+
+
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: dict[str, str] | None = None,
+    content_type: bytes = b"application/json",
+) -> None:
+    raw = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Gateway:
+    """The ASGI callable. `wake(key)` asks for a replica of an endpoint (see `watch.ScaleWaker`)."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        wake: Callable[[Key], Awaitable[None]],
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or GatewayMetrics()
+        self.table = RoutingTable()
+        self.holds = Holds(settings.hold, self._timed_wake)
+        self._wake = wake
+        self._turn = itertools.count()
+        self._in_flight: dict[str, int] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self.ready = False
+        """True once the watcher has built the first table (the readiness probe says so)."""
+
+    def set_table(self, table: RoutingTable) -> None:
+        """Install a new routing table; release or re-arm the holds of endpoints whose readiness changed."""
+        for key in self.table.routes.keys() - table.routes.keys():
+            self.holds.forget(key)
+            self.metrics.forget(key)
+        for key, route in table.routes.items():
+            self.holds.set_ready(key, bool(route.addresses))
+        self.table = table
+
+    async def _timed_wake(self, key: Key) -> None:
+        started = time.monotonic()
+        await self._wake(key)
+        self.metrics.cold_start_phase(key, "trigger", time.monotonic() - started)
+        log.info("wake sent", extra={"namespace": key[0], "endpoint": key[1]})
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+                timeout=aiohttp.ClientTimeout(total=None, connect=self.settings.connect_timeout),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        await self.holds.close()
+        if self._session is not None:
+            await self._session.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        headers = Headers(scope=scope)
+        target = resolve(self.table, headers.get("host"), scope["path"], self.settings.path_prefix)
+        if target is None:
+            await self._own_route(scope, send)
+            return
+        route = self.table.get(target.key)
+        assert route is not None
+        try:
+            client = scope.get("client")
+            auth.check(route, self.settings.access, client[0] if client else None, headers)
+        except auth.AccessDenied as denied:
+            extra = {"www-authenticate": "Bearer"} if isinstance(denied, auth.Unauthorized) else {}
+            await _respond(send, denied.status, error_body(str(denied), denied.error_type), extra)
+            return
+        await self._serve(scope, receive, send, target, headers)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _own_route(self, scope: Scope, send: Send) -> None:
+        path = scope["path"]
+        if path == "/metrics":
+            await _respond(
+                send, 200, generate_latest(self.metrics.registry), content_type=CONTENT_TYPE_LATEST.encode()
+            )
+        elif path == "/healthz":
+            await _respond(send, 200, b"ok", content_type=b"text/plain")
+        elif path == "/readyz":
+            await _respond(
+                send,
+                200 if self.ready else 503,
+                b"ok" if self.ready else b"no routing table yet",
+                content_type=b"text/plain",
+            )
+        else:
+            message = f"no endpoint for {path!r}: use {self.settings.path_prefix}/<namespace>/<name>/..."
+            await _respond(send, 404, error_body(message, "not_found"))
+
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, target: Target, headers: Headers
+    ) -> None:
+        """Read the body, count the request, and run it while watching for the client going away."""
+        key = target.key
+        try:
+            body = await self._read_body(receive)
+        except ProxyError as error:
+            await _respond(send, error.status, error_body(str(error), error.error_type))
+            return
+        self.metrics.started(key, time.time())
+        state = _Exchange(send)
+        handler = asyncio.create_task(self._exchange(scope, state, target, headers, body))
+        gone = asyncio.create_task(_disconnected(receive))
+        try:
+            await asyncio.wait({handler, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (handler, gone):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await handler
+            self.metrics.finished(key, state.status if handler.done() and not handler.cancelled() else 499)
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ProxyError(499, "client_closed", "client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.settings.max_body_bytes:
+                raise ProxyError(
+                    413, "payload_too_large", f"request body over {self.settings.max_body_bytes} bytes"
+                )
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    async def _exchange(
+        self, scope: Scope, state: _Exchange, target: Target, headers: Headers, body: bytes
+    ) -> None:
+        key = target.key
+        try:
+            route = await self._ready_route(state, key, headers, target.path, body)
+            await self._proxy(scope, state, route, target, headers, body)
+        except (HoldRefused, ProxyError, InvalidTimeoutHeader) as error:
+            status = getattr(error, "status", 503)
+            extra = dict(getattr(error, "headers", {}))
+            if isinstance(error, HoldRefused):
+                extra["retry-after"] = str(error.retry_after)
+            await state.fail(status, str(error), getattr(error, "error_type", "unavailable"), extra)
+
+    async def _ready_route(
+        self, state: _Exchange, key: Key, headers: Headers, path: str, body: bytes
+    ) -> Route:
+        """The endpoint's route once it has a ready replica, holding the request meanwhile."""
+        route = self.table.get(key)
+        if route is not None and route.addresses:
+            return route
+        timeout = hold_timeout(headers.get(TIMEOUT_HEADER), self.settings.hold)
+        arrived = time.monotonic()
+        if wants_stream(path, headers, body):
+            await state.start_sse()
+        held = self.metrics.held.labels(*key)
+        held.inc()
+        try:
+            while route is None or not route.addresses:
+                waiter = asyncio.ensure_future(self.holds.wait(key, timeout - (time.monotonic() - arrived)))
+                try:
+                    while not (await asyncio.wait({waiter}, timeout=self.settings.keepalive_seconds))[0]:
+                        await state.keepalive()
+                finally:
+                    waiter.cancel()
+                waiter.result()
+                route = self.table.get(key)
+                if route is None:
+                    raise ProxyError(404, "not_found", f"endpoint {key[0]}/{key[1]} was deleted")
+        finally:
+            held.dec()
+        state.woke_at = time.monotonic()
+        self.metrics.cold_start_phase(key, "ready", state.woke_at - arrived)
+        return route
+
+    def _upstream_headers(self, scope: Scope, route: Route, headers: Headers) -> dict[str, str]:
+        out = {k: v for k, v in headers.items() if k not in HOP_BY_HOP and k != TIMEOUT_HEADER}
+        if route.access == "protected":
+            out.pop("authorization", None)
+        client = scope.get("client")
+        if client:
+            prior = headers.get("x-forwarded-for")
+            out["x-forwarded-for"] = f"{prior}, {client[0]}" if prior else client[0]
+        out.setdefault("x-forwarded-host", headers.get("host", ""))
+        out.setdefault("x-forwarded-proto", scope.get("scheme", "http"))
+        return out
+
+    async def _proxy(
+        self, scope: Scope, state: _Exchange, route: Route, target: Target, headers: Headers, body: bytes
+    ) -> None:
+        query = scope.get("query_string", b"").decode("latin-1")
+        upstream_headers = self._upstream_headers(scope, route, headers)
+        tried: list[str] = []
+        while True:
+            candidates = tuple(a for a in route.addresses if a not in tried) or route.addresses
+            address = pick(candidates, self._in_flight, next(self._turn))
+            tried.append(address)
+            url = f"http://{address}{target.path}" + (f"?{query}" if query else "")
+            self._in_flight[address] = self._in_flight.get(address, 0) + 1
+            try:
+                async with self.session().request(
+                    scope["method"], url, data=body or None, headers=upstream_headers, allow_redirects=False
+                ) as upstream:
+                    if state.woke_at is not None:
+                        self.metrics.cold_start_phase(
+                            target.key, "first_byte", time.monotonic() - state.woke_at
+                        )
+                    await state.relay(upstream)
+                    return
+            except aiohttp.ClientConnectorError as error:
+                current = self.table.get(target.key)
+                route = current if current is not None and current.addresses else route
+                if state.started or len(tried) >= self.settings.connect_tries:
+                    raise ProxyError(502, "upstream_unavailable", f"no replica answered: {error}") from None
+            finally:
+                self._in_flight[address] -= 1
+                if not self._in_flight[address]:
+                    del self._in_flight[address]
+
+
+class _Exchange:
+    """One client response: started plainly, or early as SSE while held."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+        self.sse = False
+        self.status = 200
+        self.woke_at: float | None = None
+
+    async def start_sse(self) -> None:
+        await self.send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        self.started = self.sse = True
+        await self.keepalive()
+
+    async def keepalive(self) -> None:
+        if self.sse:
+            await self._body(KEEPALIVE, more=True)
+
+    async def _body(self, chunk: bytes, more: bool) -> None:
+        message: Message = {"type": "http.response.body", "body": chunk, "more_body": more}
+        await self.send(message)
+
+    async def fail(self, status: int, message: str, error_type: str, headers: dict[str, str]) -> None:
+        if self.sse:
+            await self._body(b"data: " + error_body(message, error_type) + b"\n\n", more=False)
+            return
+        self.status = status
+        await _respond(self.send, status, error_body(message, error_type), headers)
+
+    async def relay(self, upstream: aiohttp.ClientResponse) -> None:
+        """Pass the upstream answer on, chunk by chunk as it arrives."""
+        if not self.started:
+            self.status = upstream.status
+            raw = [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in RESPONSE_HOP_BY_HOP]
+            await self.send({"type": "http.response.start", "status": upstream.status, "headers": raw})
+            self.started = True
+        elif upstream.status != 200:
+            await self._body(
+                b"data: " + _as_error_event(await upstream.read(), upstream.status) + b"\n\n", more=False
+            )
+            return
+        async for chunk in upstream.content.iter_any():
+            await self._body(chunk, more=True)
+        await self._body(b"", more=False)
+
+
+def _as_error_event(payload: bytes, status: int) -> bytes:
+    try:
+        decoded: Any = json.loads(payload)
+    except ValueError:
+        decoded = None
+    if isinstance(decoded, dict) and "error" in decoded:
+        return json.dumps(decoded).encode()
+    return error_body(payload.decode(errors="replace")[:1000] or f"HTTP {status}", "upstream")
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        continue

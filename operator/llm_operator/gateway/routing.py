@@ -1,0 +1,161 @@
+"""The gateway's routing table and its decisions: which endpoint a request is for, and where it goes. Pure.
+
+A request names its endpoint either by path, `<prefix>/<namespace>/<name>/<rest>` (Ingress, the URL in an
+endpoint's status), or by Host, `<name>.<namespace>[.svc[.cluster.local]][:port]` (an ExternalName Service or
+a wildcard DNS name pointing at the gateway). The path wins when both could apply.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from llm_operator.settings import ENDPOINT_LABEL
+
+Access = Literal["public", "protected", "private"]
+Key = tuple[str, str]  # (namespace, name)
+
+STREAM_PATHS = frozenset({"/generate_stream"})
+"""Routes that always answer with SSE."""
+MAYBE_STREAM_PATHS = frozenset({"/", "/v1/chat/completions", "/v1/completions", "/invocations"})
+"""Routes that stream when the JSON body says `"stream": true`."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """What the gateway knows about one endpoint."""
+
+    namespace: str
+    name: str
+    access: Access = "public"
+    secret: tuple[str, str] | None = None
+    """(Secret name, key) of a protected endpoint's bearer token."""
+    token: str | None = None
+    """The bearer token read from that Secret; None until read (protected endpoints then refuse all)."""
+    addresses: tuple[str, ...] = ()
+    """`host:port` of every ready, non-terminating serving pod."""
+
+    @property
+    def key(self) -> Key:
+        return (self.namespace, self.name)
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """Every known endpoint by (namespace, name); updated by returning new tables."""
+
+    routes: Mapping[Key, Route] = field(default_factory=dict)
+
+    def get(self, key: Key) -> Route | None:
+        return self.routes.get(key)
+
+    def with_route(self, route: Route) -> RoutingTable:
+        return RoutingTable({**self.routes, route.key: route})
+
+    def without(self, key: Key) -> RoutingTable:
+        return RoutingTable({k: v for k, v in self.routes.items() if k != key})
+
+    def with_addresses(self, key: Key, addresses: Iterable[str]) -> RoutingTable:
+        """The table with the endpoint's ready addresses replaced (unknown endpoints are ignored)."""
+        route = self.routes.get(key)
+        if route is None:
+            return self
+        return self.with_route(replace(route, addresses=tuple(sorted(set(addresses)))))
+
+
+@dataclass(frozen=True)
+class Target:
+    """The endpoint a request is for and the path to ask its server for."""
+
+    key: Key
+    path: str
+
+
+def _split_path(path: str, prefix: str) -> Target | None:
+    base = f"/{prefix.strip('/')}/" if prefix.strip("/") else "/"
+    if not path.startswith(base):
+        return None
+    parts = path[len(base) :].split("/", 2)
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        return None
+    rest = "/" + parts[2] if len(parts) == 3 else "/"
+    return Target((parts[0], parts[1]), rest)
+
+
+def _host_key(host: str) -> Key | None:
+    name_part = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    labels = name_part.lower().rstrip(".").split(".")
+    if len(labels) < 2 or not labels[0] or not labels[1]:
+        return None
+    return (labels[1], labels[0])
+
+
+def resolve(table: RoutingTable, host: str | None, path: str, prefix: str = "/endpoints") -> Target | None:
+    """The endpoint `host` and `path` name, if the table knows it."""
+    by_path = _split_path(path, prefix)
+    if by_path is not None and by_path.key in table.routes:
+        return by_path
+    if host and (key := _host_key(host)) and key in table.routes:
+        return Target(key, path or "/")
+    return None
+
+
+def pick(addresses: tuple[str, ...], in_flight: Mapping[str, int], turn: int) -> str:
+    """Least in-flight requests (from this gateway's view) wins; ties go round-robin by `turn`."""
+    fewest = min(in_flight.get(a, 0) for a in addresses)
+    candidates = [a for a in addresses if in_flight.get(a, 0) == fewest]
+    return candidates[turn % len(candidates)]
+
+
+def wants_stream(path: str, headers: Mapping[str, str], body: bytes) -> bool:
+    """Whether the request asks for an SSE answer (decides how a held request waits)."""
+    if path in STREAM_PATHS or "text/event-stream" in headers.get("accept", ""):
+        return True
+    if path not in MAYBE_STREAM_PATHS or b'"stream"' not in body:
+        return False
+    try:
+        decoded = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(decoded, dict) and decoded.get("stream") is True
+
+
+def ready_addresses(slices: Iterable[Mapping[str, Any]], port_name: str = "http") -> tuple[str, ...]:
+    """`host:port` of the ready, non-terminating endpoints of a Service's EndpointSlices."""
+    found: set[str] = set()
+    for body in slices:
+        port = next((p.get("port") for p in body.get("ports") or () if p.get("name") == port_name), None)
+        if port is None:
+            continue
+        for item in body.get("endpoints") or ():
+            conditions = item.get("conditions") or {}
+            if conditions.get("ready") is False or conditions.get("terminating") is True:
+                continue
+            for address in item.get("addresses") or ():
+                host = f"[{address}]" if ":" in address else address
+                found.add(f"{host}:{port}")
+    return tuple(sorted(found))
+
+
+def build_table(
+    endpoints: Mapping[Key, tuple[Access, tuple[str, str] | None]],
+    slices: Iterable[Mapping[str, Any]],
+    tokens: Mapping[tuple[str, str, str], str],
+    port_name: str = "http",
+) -> RoutingTable:
+    """The table from each endpoint's (access, token Secret), its Services' EndpointSlices (labelled with
+    the endpoint's name) and the tokens read so far, keyed by (namespace, Secret name, key)."""
+    by_endpoint: dict[Key, list[Mapping[str, Any]]] = {}
+    for body in slices:
+        meta = body.get("metadata") or {}
+        owner = (meta.get("labels") or {}).get(ENDPOINT_LABEL)
+        if owner:
+            by_endpoint.setdefault((meta.get("namespace", ""), owner), []).append(body)
+    routes: dict[Key, Route] = {}
+    for (namespace, name), (access, secret) in endpoints.items():
+        token = tokens.get((namespace, *secret)) if secret else None
+        addresses = ready_addresses(by_endpoint.get((namespace, name), ()), port_name)
+        routes[(namespace, name)] = Route(namespace, name, access, secret, token, addresses)
+    return RoutingTable(routes)

@@ -1,0 +1,236 @@
+"""The gateway's Kubernetes I/O: watch LLMEndpoints and EndpointSlices, read token Secrets, wake Deployments.
+
+All decisions are in `routing.build_table`; this module only keeps the latest objects and hands a fresh table
+to the gateway after every change.
+
+Wake: the gateway sets the endpoint Deployment's `scale` subresource from 0 to 1 as the autoscaler's field
+manager, guarded by the scale's resourceVersion (of several gateways racing, one write wins and the others
+get 409, which means the same thing). The autoscaler then counts the held requests as in-flight load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pydantic
+
+from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint
+from llm_operator.errors import ConflictError, NotFoundError, OperatorError
+from llm_operator.gateway.routing import Access, Key, RoutingTable, build_table
+from llm_operator.kube import Credentials, Kube, resource_path
+from llm_operator.render import api_key_ref
+from llm_operator.settings import AUTOSCALER_FIELD_MANAGER, ENDPOINT_LABEL
+
+Manifest = dict[str, Any]
+log = logging.getLogger("llm_operator.gateway.watch")
+SLICES = ("discovery.k8s.io/v1", "endpointslices")
+WATCH_SECONDS = 300
+RETRY_SECONDS = 2.0
+
+
+def endpoint_entry(body: Manifest) -> tuple[Access, tuple[str, str] | None] | None:
+    """(access, token Secret) of a stored LLMEndpoint, or None when it does not parse."""
+    try:
+        endpoint = LLMEndpoint.model_validate(body)
+    except pydantic.ValidationError as error:
+        log.warning("ignoring LLMEndpoint that does not parse: %s", error)
+        return None
+    ref = api_key_ref(endpoint)
+    return endpoint.spec.access, (ref.name, ref.key) if ref else None
+
+
+class ScaleWaker:
+    """Ask for one replica of an endpoint whose Deployment is at zero."""
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+
+    async def __call__(self, key: Key) -> None:
+        namespace, name = key
+        path = resource_path("apps/v1", "Deployment", namespace, name, "scale")
+        scale = await self.kube.request("GET", path)
+        if int(scale.get("spec", {}).get("replicas") or 0) > 0:
+            return
+        patch = {
+            "metadata": {"resourceVersion": scale["metadata"]["resourceVersion"]},
+            "spec": {"replicas": 1},
+        }
+        try:
+            await self.kube.merge_patch(
+                "apps/v1",
+                "Deployment",
+                namespace,
+                name,
+                patch,
+                subresource="scale",
+                field_manager=AUTOSCALER_FIELD_MANAGER,
+            )
+        except ConflictError:
+            log.debug("scale of %s/%s changed meanwhile (another gateway woke it)", namespace, name)
+
+
+class ClusterWatcher:
+    """Keeps `publish(table)` fed with the routing table the cluster describes."""
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        kube: Kube,
+        publish: Callable[[RoutingTable], None],
+        *,
+        namespace: str | None = None,
+        token_refresh_seconds: float = 30.0,
+    ) -> None:
+        self.credentials, self.kube, self.publish = credentials, kube, publish
+        self.namespace, self.token_refresh_seconds = namespace, token_refresh_seconds
+        self.endpoints: dict[Key, tuple[Access, tuple[str, str] | None]] = {}
+        self.slices: dict[Key, Manifest] = {}
+        self.tokens: dict[tuple[str, str, str], str] = {}
+        self.synced = asyncio.Event()
+        self._listed: set[str] = set()
+
+    def _publish(self) -> None:
+        if len(self._listed) == 2:
+            self.publish(build_table(self.endpoints, self.slices.values(), self.tokens))
+            self.synced.set()
+
+    async def run(self) -> None:
+        """Watch both kinds and refresh tokens, until cancelled."""
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=WATCH_SECONDS + 30)
+        connector = aiohttp.TCPConnector(ssl=self.credentials.ssl_context())
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=2**22) as session:
+            await asyncio.gather(
+                self._watch(session, resource_path(API_VERSION, KIND, self.namespace), {}, self._on_endpoint),
+                self._watch(session, self._slices_path(), {"labelSelector": ENDPOINT_LABEL}, self._on_slice),
+                self._refresh_tokens(),
+            )
+
+    def _slices_path(self) -> str:
+        api, plural = SLICES
+        scope = f"/namespaces/{self.namespace}" if self.namespace else ""
+        return f"/apis/{api}{scope}/{plural}"
+
+    async def _on_endpoint(self, kind: str, body: Manifest) -> None:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        entry = endpoint_entry(body) if kind != "DELETED" else None
+        if entry is None:
+            self.endpoints.pop(key, None)
+        else:
+            self.endpoints[key] = entry
+            if entry[1] is not None:
+                await self._read_token(key[0], *entry[1])
+
+    async def _on_slice(self, kind: str, body: Manifest) -> None:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        if kind == "DELETED":
+            self.slices.pop(key, None)
+        else:
+            self.slices[key] = body
+
+    async def _read_token(self, namespace: str, secret: str, key: str) -> None:
+        try:
+            data = (await self.kube.get("v1", "Secret", namespace, secret)).get("data") or {}
+            self.tokens[(namespace, secret, key)] = base64.b64decode(data[key]).decode().strip()
+        except (NotFoundError, KeyError, binascii.Error, UnicodeDecodeError):
+            log.warning(
+                "token Secret %s/%s has no key %r: the endpoint refuses every request", namespace, secret, key
+            )
+            self.tokens.pop((namespace, secret, key), None)
+        except OperatorError as error:
+            log.warning("could not read token Secret %s/%s: %s", namespace, secret, error)
+
+    async def _refresh_tokens(self) -> None:
+        """Re-read every token Secret now and then, so a rotated token takes effect."""
+        while True:
+            await asyncio.sleep(self.token_refresh_seconds)
+            for (namespace, _), (_, secret) in list(self.endpoints.items()):
+                if secret is not None:
+                    await self._read_token(namespace, *secret)
+            self._publish()
+
+    async def _watch(
+        self,
+        session: aiohttp.ClientSession,
+        path: str,
+        params: dict[str, str],
+        handle: Callable[[str, Manifest], Awaitable[None]],
+    ) -> None:
+        """List, then watch from the list's resourceVersion; list again when the watch expires or fails."""
+        while True:
+            try:
+                listed = await self._get(session, path, params)
+                await self._replace_all(handle, listed.get("items") or [], path)
+                self._listed.add(path)
+                self._publish()
+                version = listed["metadata"]["resourceVersion"]
+                while version:
+                    version = await self._stream(session, path, params, version, handle)
+            except (aiohttp.ClientError, TimeoutError, OperatorError, json.JSONDecodeError) as error:
+                log.warning("watch %s failed, listing again: %r", path, error)
+                await asyncio.sleep(RETRY_SECONDS)
+
+    async def _replace_all(
+        self, handle: Callable[[str, Manifest], Awaitable[None]], items: list[Manifest], path: str
+    ) -> None:
+        if path.endswith("/endpointslices"):
+            self.slices.clear()
+        else:
+            self.endpoints.clear()
+        for item in items:
+            await handle("ADDED", item)
+
+    def _headers(self) -> dict[str, str]:
+        token = self.credentials.bearer()
+        return {"Accept": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+
+    async def _get(self, session: aiohttp.ClientSession, path: str, params: dict[str, str]) -> Manifest:
+        async with session.get(
+            self.credentials.server + path, params=params, headers=self._headers()
+        ) as answer:
+            body: Manifest = await answer.json(content_type=None)
+            if answer.status >= 400:
+                raise OperatorError(f"GET {path}: HTTP {answer.status}: {body.get('message', '')}")
+            return body
+
+    async def _stream(
+        self,
+        session: aiohttp.ClientSession,
+        path: str,
+        params: dict[str, str],
+        version: str,
+        handle: Callable[[str, Manifest], Awaitable[None]],
+    ) -> str | None:
+        """One watch request; the resourceVersion to continue from, or None to list again."""
+        query = {
+            **params,
+            "watch": "1",
+            "resourceVersion": version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(WATCH_SECONDS),
+        }
+        async with session.get(
+            self.credentials.server + path, params=query, headers=self._headers()
+        ) as answer:
+            if answer.status >= 400:
+                return None
+            async for line in answer.content:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                kind, body = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    return None  # 410 Gone: the version is too old
+                version = body.get("metadata", {}).get("resourceVersion") or version
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    await handle(kind, body)
+                    self._publish()
+        return version

@@ -1,0 +1,135 @@
+"""The bounded hold: wake once, release on readiness, refuse past the count or time bound. No sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from llm_operator.gateway.hold import (
+    HoldLimits,
+    Holds,
+    InvalidTimeoutHeader,
+    TooManyWaiting,
+    WakeTimeout,
+    hold_timeout,
+)
+from llm_operator.gateway.routing import Key
+
+KEY = ("ml", "falcon")
+
+
+class FakeWake:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[Key] = []
+        self.fail = fail
+
+    async def __call__(self, key: Key) -> None:
+        self.calls.append(key)
+        if self.fail:
+            raise RuntimeError("API down")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_hold_timeout_header() -> None:
+    limits = HoldLimits(timeout=60, max_timeout=600)
+    assert hold_timeout(None, limits) == 60
+    assert hold_timeout(" ", limits) == 60
+    assert hold_timeout("120", limits) == 120
+    assert hold_timeout("0", limits) == 0
+    assert hold_timeout("99999", limits) == 600
+    for bad in ("soon", "-1", "nan", "inf"):
+        with pytest.raises(InvalidTimeoutHeader):
+            hold_timeout(bad, limits)
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_waiters_share_one_wake_and_are_released_together() -> None:
+    wake = FakeWake()
+    holds = Holds(HoldLimits(max_waiting=10), wake, Clock())
+    waiters = [asyncio.create_task(holds.wait(KEY, 60)) for _ in range(3)]
+    await _settle()
+    assert holds.waiting(KEY) == 3
+    assert wake.calls == [KEY]
+    holds.set_ready(KEY, True)
+    await asyncio.gather(*waiters)
+    assert holds.waiting(KEY) == 0
+
+
+async def test_ready_endpoint_returns_at_once_without_waking() -> None:
+    wake = FakeWake()
+    holds = Holds(HoldLimits(), wake, Clock())
+    holds.set_ready(KEY, True)
+    await holds.wait(KEY, 0)
+    assert wake.calls == []
+
+
+async def test_count_bound_refuses_the_next_request() -> None:
+    holds = Holds(HoldLimits(max_waiting=2, retry_after=7), FakeWake(), Clock())
+    waiters = [asyncio.create_task(holds.wait(KEY, 60)) for _ in range(2)]
+    await _settle()
+    with pytest.raises(TooManyWaiting) as caught:
+        await holds.wait(KEY, 60)
+    assert caught.value.retry_after == 7
+    assert caught.value.status == 503
+    holds.set_ready(KEY, True)
+    await asyncio.gather(*waiters)
+
+
+async def test_time_bound_refuses_and_frees_the_slot() -> None:
+    holds = Holds(HoldLimits(max_waiting=1), FakeWake(), Clock())
+    with pytest.raises(WakeTimeout) as caught:
+        await holds.wait(KEY, 0)
+    assert "X-Scale-Up-Timeout" in str(caught.value)
+    assert holds.waiting(KEY) == 0
+
+
+async def test_failed_wake_is_retried_only_after_rewake_seconds() -> None:
+    wake, clock = FakeWake(fail=True), Clock()
+    holds = Holds(HoldLimits(rewake_seconds=15), wake, clock)
+    for _ in range(2):
+        with pytest.raises(WakeTimeout):
+            await holds.wait(KEY, 0)
+        await _settle()
+    assert wake.calls == [KEY]
+    clock.now += 15
+    with pytest.raises(WakeTimeout):
+        await holds.wait(KEY, 0)
+    await _settle()
+    assert wake.calls == [KEY, KEY]
+
+
+async def test_after_readiness_a_new_scale_from_zero_wakes_again() -> None:
+    wake = FakeWake()
+    holds = Holds(HoldLimits(), wake, Clock())
+    first = asyncio.create_task(holds.wait(KEY, 60))
+    await _settle()
+    holds.set_ready(KEY, True)
+    await first
+    holds.set_ready(KEY, False)  # scaled to zero again
+    second = asyncio.create_task(holds.wait(KEY, 60))
+    await _settle()
+    assert wake.calls == [KEY, KEY]
+    holds.forget(KEY)  # deleted: waiters are released to re-resolve
+    await second
+
+
+async def test_cancelled_waiter_frees_its_slot() -> None:
+    holds = Holds(HoldLimits(max_waiting=1), FakeWake(), Clock())
+    waiter = asyncio.create_task(holds.wait(KEY, 60))
+    await _settle()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert holds.waiting(KEY) == 0
+    await holds.close()
