@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -179,22 +180,20 @@ class Cluster:
         """etcd and kube-apiserver; then, if asked, the controller manager, scheduler, kwok and nodes."""
         self._check_binaries(COMPONENTS if controllers else COMPONENTS[:2])
         self._write_pki()
-        self._spawn("etcd", self._etcd_args(), self._etcd_healthy)
-        self._spawn("kube-apiserver", self._apiserver_args(), lambda: self._https_ok(self.server + "/readyz"))
+        self._spawn(
+            "etcd", self._etcd_args(), lambda: self._url_ok(f"http://127.0.0.1:{self.ports['etcd']}/health")
+        )
+        self._spawn("kube-apiserver", self._apiserver_args(), lambda: self._url_ok(self.server + "/readyz"))
         if controllers:
-            self._wait_healthy(
-                self._launch("kube-controller-manager", self._controller_manager_args()),
-                lambda: self._https_ok(f"https://127.0.0.1:{self.ports['kube-controller-manager']}/healthz"),
-            )
-            self._wait_healthy(
-                self._launch("kube-scheduler", self._scheduler_args()),
-                lambda: self._https_ok(f"https://127.0.0.1:{self.ports['kube-scheduler']}/healthz"),
-            )
-            self._spawn(
-                "kwok",
-                self._kwok_args(),
-                lambda: self._http_ok(f"http://127.0.0.1:{self.ports['kwok']}/healthz"),
-            )
+            launched = [
+                (self._launch("kube-controller-manager", self._controller_manager_args()), "https"),
+                (self._launch("kube-scheduler", self._scheduler_args()), "https"),
+            ]
+            if nodes:
+                launched.append((self._launch("kwok", self._kwok_args()), "http"))
+            for process, scheme in launched:  # launched together, so their start-ups overlap
+                url = f"{scheme}://127.0.0.1:{self.ports[process.name]}/healthz"
+                self._wait_healthy(process, functools.partial(self._url_ok, url))
             for node in nodes:
                 self.add_gpu_node(node)
             self._wait_for(
@@ -269,10 +268,10 @@ class Cluster:
                 "Run `make cluster-bin` to build them from Go modules."
             )
 
-    def start_node_agent(self, node: str = "local-0", gpus: int = 4) -> None:
+    def start_node_agent(self, node: str = "local-0", gpus: int = 4, *, taint: bool = True) -> None:
         """Starts tests/cluster/node_agent.py: it runs the pods bound to `node` as local processes."""
         args = ["-m", "tests.cluster.node_agent", f"--kubeconfig={self.kubeconfig}", f"--node={node}"]
-        args += [f"--gpus={gpus}", f"--workdir={self.workdir}"]
+        args += [f"--gpus={gpus}", f"--workdir={self.workdir}", *([] if taint else ["--no-taint"])]
         self._spawn(NODE_AGENT, args, lambda: self._nodes_ready([node]), executable=sys.executable)
 
     def pod_log(self, namespace: str, pod: str, container: str = "serving") -> Path:
@@ -325,23 +324,19 @@ class Cluster:
 
     # -- health ----------------------------------------------------------------------------------------
 
-    def _etcd_healthy(self) -> bool:
-        return self._http_ok(f"http://127.0.0.1:{self.ports['etcd']}/health")
-
-    @staticmethod
-    def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
+    def _url_ok(self, url: str) -> bool:
+        """GET answers 200; over https with the admin client certificate (serving certs are self-signed)."""
+        context = None
+        if url.startswith("https:"):
+            context = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            context.load_cert_chain(self.pki / "admin.crt", self.pki / "admin.key")
         try:
             with urllib.request.urlopen(url, timeout=2, context=context) as response:
                 return bool(response.status == 200)
         except OSError:
             return False
-
-    def _https_ok(self, url: str) -> bool:
-        context = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE  # the components' own serving certs are self-signed
-        context.load_cert_chain(self.pki / "admin.crt", self.pki / "admin.key")
-        return self._http_ok(url, context)
 
     def _nodes_ready(self, names: Sequence[str]) -> bool:
         with self.api_client() as api:

@@ -272,6 +272,7 @@ class NodeAgent:
     node: str
     gpus: int
     workdir: Path
+    taint: bool = True
     pods: dict[str, LocalPod] = field(default_factory=dict)
     terminating: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -297,7 +298,11 @@ class NodeAgent:
                     "nvidia.com/gpu.count": str(self.gpus),
                 },
             },
-            "spec": {"taints": [{"key": AGENT_LABEL, "value": "true", "effect": "NoSchedule"}]},
+            "spec": {
+                "taints": [{"key": AGENT_LABEL, "value": "true", "effect": "NoSchedule"}]
+                if self.taint
+                else []
+            },
         }
         with contextlib.suppress(ApiException):
             self.core.delete_node(self.node)
@@ -467,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         "--gpus", type=int, default=4, help="nvidia.com/gpu capacity to advertise (CPU-backed)"
     )
     parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--no-taint", dest="taint", action="store_false", help="accept every pod (make run)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
