@@ -22,7 +22,7 @@ COMPONENT = "llm-operator"
 async def apply_children(kube: Kube, manifests: list[Manifest]) -> dict[str, Manifest]:
     """Apply every rendered child at once; the API server's answers by kind."""
     answers = await asyncio.gather(*(kube.apply(body, FIELD_MANAGER) for body in manifests))
-    return {answer.get("kind", body["kind"]): answer for body, answer in zip(manifests, answers, strict=True)}
+    return {str(body["kind"]): answer for body, answer in zip(manifests, answers, strict=True)}
 
 
 async def prune(kube: Kube, endpoint: LLMEndpoint, rendered: list[Manifest]) -> list[str]:
@@ -40,7 +40,9 @@ async def prune(kube: Kube, endpoint: LLMEndpoint, rendered: list[Manifest]) -> 
         owners = current["metadata"].get("ownerReferences") or ()
         if any(ref.get("uid") == endpoint.metadata.uid and ref.get("controller") for ref in owners):
             try:
-                await kube.delete(api_version, kind, endpoint.metadata.namespace, name, uid=current["metadata"]["uid"])
+                await kube.delete(
+                    api_version, kind, endpoint.metadata.namespace, name, uid=current["metadata"]["uid"]
+                )
             except (NotFoundError, ConflictError):
                 continue
             deleted.append(f"{kind}/{name}")
@@ -93,7 +95,9 @@ def status_patch(status: LLMEndpointStatus) -> Manifest:
     return status.model_dump(by_alias=True, exclude_none=True, mode="json", exclude={"last_request_time"})
 
 
-async def write_status(kube: Kube, endpoint: LLMEndpoint, resource_version: str, status: LLMEndpointStatus) -> None:
+async def write_status(
+    kube: Kube, endpoint: LLMEndpoint, resource_version: str, status: LLMEndpointStatus
+) -> None:
     """One merge patch of the status subresource, refused (409) if the endpoint changed since it was read."""
     patch = {"metadata": {"resourceVersion": resource_version}, "status": status_patch(status)}
     await kube.merge_patch(
@@ -108,7 +112,14 @@ async def write_status(kube: Kube, endpoint: LLMEndpoint, resource_version: str,
 
 
 async def post_event(
-    kube: Kube, endpoint: LLMEndpoint, *, warning: bool, reason: str, message: str, now: datetime, instance: str
+    kube: Kube,
+    endpoint: LLMEndpoint,
+    *,
+    warning: bool,
+    reason: str,
+    message: str,
+    now: datetime,
+    instance: str,
 ) -> None:
     """A core/v1 Event on the endpoint, shown by `kubectl describe llme`."""
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -38,7 +38,7 @@ def retry_delay(error: Exception, failures: int) -> float | None:
         return 0.0 if failures <= 3 else BASE_DELAY
     if isinstance(error, OperatorError) and not error.retryable:
         return None
-    return min(MAX_DELAY, BASE_DELAY * 2 ** max(0, failures - 1))
+    return float(min(MAX_DELAY, BASE_DELAY * 2 ** max(0, failures - 1)))
 
 
 class Controller:
@@ -59,30 +59,41 @@ class Controller:
         self.queue: WorkQueue[Key] = WorkQueue()
         self.known: set[Key] = set()
         self._failures: dict[Key, int] = {}
+        self._full: set[Key] = set()  # keys whose next pass must apply the children, not only read them
         self.leading = elector.leading if elector else asyncio.Event()
         if elector:
             elector.on_start = self.resync
         else:
             self.leading.set()
 
-    def endpoint_seen(self, namespace: str, name: str, deleted: bool = False) -> None:
+    def endpoint_seen(
+        self, namespace: str, name: str, *, deleted: bool = False, reconcile: bool = True
+    ) -> None:
         """An LLMEndpoint watch event."""
         key = (namespace, name)
         if deleted:
             self.known.discard(key)
             self._failures.pop(key, None)
+            self._full.discard(key)
             return
         self.known.add(key)
-        self.queue.add(key)
+        if reconcile:
+            self._want(key, children=True)
 
-    def child_seen(self, namespace: str, endpoint: str) -> None:
-        """A watch event of a child or pod labelled with its endpoint's name."""
-        self.queue.add((namespace, endpoint))
+    def child_seen(self, namespace: str, endpoint: str, *, drifted: bool = True) -> None:
+        """A watch event of a child or pod labelled with its endpoint's name; `drifted`: someone may have
+        changed what the operator applies (else only status may have moved)."""
+        self._want((namespace, endpoint), children=drifted)
 
     def resync(self) -> None:
-        """Queue every known endpoint (on becoming leader, and periodically)."""
+        """Queue every known endpoint for a full pass (on becoming leader, and periodically)."""
         for key in self.known:
-            self.queue.add(key)
+            self._want(key, children=True)
+
+    def _want(self, key: Key, *, children: bool) -> None:
+        if children:
+            self._full.add(key)
+        self.queue.add(key)
 
     async def _work(self) -> None:
         while True:
@@ -100,17 +111,27 @@ class Controller:
 
     async def _pass(self, key: Key) -> None:
         namespace, name = key
-        ref = {"namespace": namespace, "name": name}
+        ref = {"namespace": namespace, "endpoint": name}
         started = time.monotonic()
+        children = key in self._full
+        self._full.discard(key)
         try:
-            outcome = await reconcile(self.kube, namespace, name, self.settings, self.clock, self.identity)
+            outcome = await reconcile(
+                self.kube, namespace, name, self.settings, self.clock, self.identity, children=children
+            )
         except Exception as error:
+            self._full.add(key)  # retry in full
             failures = self._failures[key] = self._failures.get(key, 0) + 1
             delay = retry_delay(error, failures)
             RECONCILES.labels(result="conflict" if isinstance(error, ConflictError) else "error").inc()
             level = logging.DEBUG if isinstance(error, ConflictError) else logging.ERROR
-            log.log(level, "reconcile failed: %s", error, extra={**ref, "retry_in": delay, "failures": failures},
-                    exc_info=not isinstance(error, OperatorError))
+            log.log(
+                level,
+                "reconcile failed: %s",
+                error,
+                extra={**ref, "retry_in": delay, "failures": failures},
+                exc_info=not isinstance(error, OperatorError),
+            )
             if delay is not None:
                 self.queue.add_after(key, delay)
             return
@@ -118,11 +139,18 @@ class Controller:
             RECONCILE_SECONDS.observe(time.monotonic() - started)
         self._failures.pop(key, None)
         RECONCILES.labels(result="ok").inc()
-        if outcome.status is not None and (outcome.status_written or outcome.pruned or outcome.scaled_to is not None):
+        if outcome.status is not None and (
+            outcome.status_written or outcome.pruned or outcome.scaled_to is not None
+        ):
             log.info(
                 "reconciled",
-                extra={**ref, "phase": outcome.status.phase, "ready": outcome.status.ready,
-                       "pruned": list(outcome.pruned), "scaled_to": outcome.scaled_to},
+                extra={
+                    **ref,
+                    "phase": outcome.status.phase,
+                    "ready": outcome.status.ready,
+                    "pruned": list(outcome.pruned),
+                    "scaled_to": outcome.scaled_to,
+                },
             )
 
     async def run(self) -> None:

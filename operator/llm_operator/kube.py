@@ -6,7 +6,6 @@ package's loaders; the same credentials log kopf in, so the watches and the writ
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 import aiohttp
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
+from prometheus_client import Counter
 
 from llm_operator.errors import APIUnavailableError, api_error
 
@@ -33,6 +33,7 @@ PLURALS = {
     "Lease": "leases",
     "LLMEndpoint": "llmendpoints",
 }
+REQUESTS = Counter("llm_operator_api_requests_total", "Requests to the API server", ["method", "code"])
 TOKEN_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 
@@ -158,8 +159,10 @@ class Kube:
                 method, url, params=params, data=data, headers=headers
             ) as response:
                 text = await response.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiohttp.ClientError) as error:
+            REQUESTS.labels(method=method, code="error").inc()
             raise APIUnavailableError(f"{method} {path}: {error!r}") from error
+        REQUESTS.labels(method=method, code=str(response.status)).inc()
         try:
             decoded = json.loads(text) if text else {}
         except json.JSONDecodeError:
@@ -194,7 +197,9 @@ class Kube:
         meta = body["metadata"]
         path = resource_path(body["apiVersion"], body["kind"], meta.get("namespace"), meta["name"])
         params = {"fieldManager": field_manager, "force": "true" if force else "false"}
-        return await self.request("PATCH", path, params=params, body=body, content_type="application/apply-patch+yaml")
+        return await self.request(
+            "PATCH", path, params=params, body=body, content_type="application/apply-patch+yaml"
+        )
 
     async def merge_patch(
         self,
@@ -209,7 +214,9 @@ class Kube:
     ) -> Manifest:
         path = resource_path(api_version, kind, namespace, name, subresource)
         params = {"fieldManager": field_manager} if field_manager else None
-        return await self.request("PATCH", path, params=params, body=patch, content_type="application/merge-patch+json")
+        return await self.request(
+            "PATCH", path, params=params, body=patch, content_type="application/merge-patch+json"
+        )
 
     async def create(self, body: Manifest, field_manager: str | None = None) -> Manifest:
         path = resource_path(body["apiVersion"], body["kind"], body["metadata"].get("namespace"))

@@ -75,7 +75,9 @@ class LeaderElector:
         if take or lease is None:
             spec["acquireTime"] = micro_time(now)
             spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + (1 if lease else 0)
-        spec.update(holderIdentity=self.identity, leaseDurationSeconds=self.lease_seconds, renewTime=micro_time(now))
+        spec.update(
+            holderIdentity=self.identity, leaseDurationSeconds=self.lease_seconds, renewTime=micro_time(now)
+        )
         meta: Manifest = {"name": self.name, "namespace": self.namespace}
         if lease is not None:
             meta["resourceVersion"] = lease["metadata"]["resourceVersion"]
@@ -104,7 +106,9 @@ class LeaderElector:
             self._set(False)
             return False
         except OperatorError as error:
-            expired = self._renewed_at is None or now - self._renewed_at > timedelta(seconds=self.lease_seconds)
+            expired = self._renewed_at is None or now - self._renewed_at > timedelta(
+                seconds=self.lease_seconds
+            )
             log.warning("lease %s/%s not renewed: %s", self.namespace, self.name, error)
             if expired:
                 self._set(False)
@@ -128,7 +132,9 @@ class LeaderElector:
         """Forever: try, then wait a retry period (a third of the lease while leading)."""
         while True:
             leading = await self.try_once()
-            await asyncio.sleep(min(self.retry_seconds, self.lease_seconds / 3) if leading else self.retry_seconds)
+            await asyncio.sleep(
+                min(self.retry_seconds, self.lease_seconds / 3) if leading else self.retry_seconds
+            )
 
     async def release(self) -> None:
         """Hand the Lease back so a standby takes over at once."""

@@ -6,6 +6,7 @@ running it twice in a row changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,12 +16,12 @@ from typing import Any
 import pydantic
 
 from llm_operator import apply
-from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint, LLMEndpointStatus, Phase
+from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint, LLMEndpointStatus
 from llm_operator.errors import InvalidEndpointError, NotFoundError
 from llm_operator.kube import Kube
 from llm_operator.render import render, replica_correction, selector
 from llm_operator.settings import Settings
-from llm_operator.status import compute_status
+from llm_operator.status import announcement, compute_status
 
 Manifest = dict[str, Any]
 log = logging.getLogger("llm_operator.reconcile")
@@ -32,7 +33,6 @@ class Outcome:
 
     status: LLMEndpointStatus | None
     """The computed status; None when the endpoint is gone or being deleted."""
-    previous_phase: Phase | None = None
     status_written: bool = False
     pruned: tuple[str, ...] = ()
     scaled_to: int | None = None
@@ -53,8 +53,13 @@ async def reconcile(
     settings: Settings,
     now: Callable[[], datetime],
     instance: str = "llm-operator",
+    *,
+    children: bool = True,
 ) -> Outcome:
-    """Bring the children of `namespace/name` to what its spec says and its status to what they show."""
+    """Bring the children of `namespace/name` to what its spec says and its status to what they show.
+
+    With children=False (a pod or a Deployment's status moved, nothing the operator owns) the children are
+    only read, not applied, unless the spec changed or the Deployment is missing."""
     try:
         body = await kube.get(API_VERSION, KIND, namespace, name)
     except NotFoundError:
@@ -64,20 +69,28 @@ async def reconcile(
     endpoint = parse(body)
     spec_changed = endpoint.status.observed_generation != endpoint.metadata.generation
 
-    rendered = render(endpoint, settings)
-    applied = await apply.apply_children(kube, rendered)
+    deployment = None
+    if not children and not spec_changed:
+        with contextlib.suppress(NotFoundError):
+            deployment = await kube.get("apps/v1", "Deployment", namespace, name)
     pruned: list[str] = []
-    if spec_changed:
-        pruned = await apply.prune(kube, endpoint, rendered)
-        if await apply.ensure_api_key(kube, endpoint):
-            log.info("created the endpoint's API key Secret", extra=_ref(endpoint))
+    if deployment is None:
+        rendered = render(endpoint, settings)
+        deployment = (await apply.apply_children(kube, rendered))["Deployment"]
+        if spec_changed:
+            if endpoint.metadata.generation > 1:  # a first spec has nothing to prune
+                pruned = await apply.prune(kube, endpoint, rendered)
+            if await apply.ensure_api_key(kube, endpoint):
+                log.info("created the endpoint's API key Secret", extra=_ref(endpoint))
 
-    deployment = applied["Deployment"]
     scaled_to = replica_correction(deployment.get("spec", {}).get("replicas"), endpoint)
     if scaled_to is not None:
         deployment = await apply.set_replicas(kube, deployment, scaled_to)
 
-    pods = await kube.list("v1", "Pod", namespace, labels=selector(endpoint))
+    # a Deployment the controller has not yet seen (no status) has no pods: skip the read
+    pods = []
+    if deployment.get("status"):
+        pods = await kube.list("v1", "Pod", namespace, labels=selector(endpoint))
     events = await _scheduling_events(kube, namespace, pods)
     status = compute_status(endpoint, deployment, pods, events, now(), settings.url(namespace, name))
 
@@ -85,17 +98,25 @@ async def reconcile(
     if apply.status_patch(status) != apply.status_patch(endpoint.status):
         await apply.write_status(kube, endpoint, body["metadata"]["resourceVersion"], status)
         written = True
-    previous = endpoint.status.phase
-    if status.phase != previous:
-        await _announce(kube, endpoint, previous, status, now(), instance)
-    return Outcome(status, previous, written, tuple(pruned), scaled_to)
+    if news := announcement(endpoint.status, status):
+        log.info(news.message, extra={**_ref(endpoint), "phase": status.phase, "reason": news.reason})
+        await apply.post_event(
+            kube,
+            endpoint,
+            warning=news.warning,
+            reason=news.reason,
+            message=news.message,
+            now=now(),
+            instance=instance,
+        )
+    return Outcome(status, written, tuple(pruned), scaled_to)
 
 
 async def _scheduling_events(kube: Kube, namespace: str, pods: list[Manifest]) -> list[Manifest]:
     """FailedScheduling events of the pods the scheduler could not place (read only when there are some)."""
     events: list[Manifest] = []
     for pod in pods:
-        scheduled = next(
+        scheduled: Manifest = next(
             (c for c in pod.get("status", {}).get("conditions") or () if c.get("type") == "PodScheduled"), {}
         )
         if scheduled.get("reason") == "Unschedulable":
@@ -105,23 +126,5 @@ async def _scheduling_events(kube: Kube, namespace: str, pods: list[Manifest]) -
     return events
 
 
-async def _announce(
-    kube: Kube,
-    endpoint: LLMEndpoint,
-    previous: Phase | None,
-    status: LLMEndpointStatus,
-    now: datetime,
-    instance: str,
-) -> None:
-    ready = status.condition("Ready")
-    detail = f"{ready.reason}: {ready.message}" if ready else ""
-    message = f"phase {previous or 'None'} -> {status.phase}. {detail}".strip()
-    warning = status.phase == "Failed" or (ready is not None and ready.reason == "WaitingForGPU")
-    log.info(message, extra={**_ref(endpoint), "phase": status.phase, "previous_phase": previous})
-    await apply.post_event(
-        kube, endpoint, warning=warning, reason=str(status.phase), message=message, now=now, instance=instance
-    )
-
-
 def _ref(endpoint: LLMEndpoint) -> dict[str, str]:
-    return {"namespace": endpoint.metadata.namespace, "name": endpoint.metadata.name}
+    return {"namespace": endpoint.metadata.namespace, "endpoint": endpoint.metadata.name}

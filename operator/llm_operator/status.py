@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from llm_operator.api.v1alpha1 import Condition, ConditionType, LLMEndpoint, LLMEndpointStatus, Phase
 from llm_operator.settings import GPU_RESOURCE
@@ -88,7 +88,8 @@ def _waiting(pod: Manifest) -> tuple[str, str] | None:
         terminated = status.get("lastState", {}).get("terminated")
         if reason == "CrashLoopBackOff" and terminated:
             exit_reason = terminated.get("reason", "Error")
-            message = f"last exit {terminated.get('exitCode', '?')} ({exit_reason}) after {status.get('restartCount', 0)} restarts"
+            restarts = status.get("restartCount", 0)
+            message = f"last exit {terminated.get('exitCode', '?')} ({exit_reason}) after {restarts} restarts"
         found.append((BROKEN_WAITING.index(reason), _ERR_IMAGE.get(reason, reason), message))
     if not found:
         return None
@@ -100,16 +101,25 @@ def _pod_ready(pod: Manifest) -> bool:
     return _conditions(pod).get("Ready", {}).get("status") == "True"
 
 
-def observe(endpoint: LLMEndpoint, deployment: Manifest | None, pods: list[Manifest], events: list[Manifest]) -> Observation:
+def observe(
+    endpoint: LLMEndpoint, deployment: Manifest | None, pods: list[Manifest], events: list[Manifest]
+) -> Observation:
     """Reduce the children to the facts that decide phase and conditions."""
     if deployment is None:
-        return Observation(0, 0, True, 0, None, None, None, None)
+        return Observation(1, 0, True, 0, None, None, None, None)  # a new Deployment starts one replica
     spec, state = deployment.get("spec", {}), deployment.get("status", {})
     desired = int(spec.get("replicas", 1))
     ready = int(state.get("readyReplicas") or 0)
     generation = deployment.get("metadata", {}).get("generation", 0)
-    rolling_out = state.get("observedGeneration", 0) < generation or int(state.get("updatedReplicas") or 0) < desired
-    live = [p for p in pods if not p["metadata"].get("deletionTimestamp") and p.get("status", {}).get("phase") in (None, "Pending", "Running")]
+    rolling_out = (
+        state.get("observedGeneration", 0) < generation or int(state.get("updatedReplicas") or 0) < desired
+    )
+    live = [
+        p
+        for p in pods
+        if not p["metadata"].get("deletionTimestamp")
+        and p.get("status", {}).get("phase") in (None, "Pending", "Running")
+    ]
 
     broken = unschedulable = loading = starting = None
     conditions = _conditions(deployment)
@@ -132,8 +142,10 @@ def observe(endpoint: LLMEndpoint, deployment: Manifest | None, pods: list[Manif
         what = f"{gpus} {GPU_RESOURCE}" if gpus else "a node"
         if endpoint.spec.accelerator:
             what += f" ({endpoint.spec.accelerator.type})"
-        reason = "WaitingForGPU" if gpus else "Unschedulable"
-        unschedulable = Finding(reason, f"{len(pending)} pod(s) need {what}: {scheduler_message(pending[0], events)}")
+        said = scheduler_message(pending[0], events)
+        short_of_gpus = gpus and (not said or GPU_RESOURCE in said or "affinity" in said)
+        reason = "WaitingForGPU" if short_of_gpus else "Unschedulable"
+        unschedulable = Finding(reason, f"{len(pending)} pod(s) need {what}: {said}")
 
     not_ready = [p for p in live if not _pod_ready(p) and p not in pending]
     running = [p for p in not_ready if p.get("status", {}).get("phase") == "Running"]
@@ -205,7 +217,7 @@ def compute_status(
     generation = endpoint.metadata.generation
     conditions = []
     for kind, (flag, reason, message) in verdicts.items():
-        status = "True" if flag else "False"
+        status: Literal["True", "False"] = "True" if flag else "False"
         previous = endpoint.status.condition(kind)
         since = previous.last_transition_time if previous and previous.status == status else now
         conditions.append(
@@ -227,4 +239,32 @@ def compute_status(
         observed_generation=generation,
         last_request_time=endpoint.status.last_request_time,
         conditions=conditions,
+    )
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """A Kubernetes Event to post on the endpoint."""
+
+    warning: bool
+    reason: str
+    message: str
+
+
+WARNING_REASONS = frozenset({"WaitingForGPU", "Unschedulable", "ProgressDeadlineExceeded", *BROKEN_WAITING})
+
+
+def announcement(previous: LLMEndpointStatus, current: LLMEndpointStatus) -> Announcement | None:
+    """An Event when the phase or the reason it is (not) ready changes; None otherwise.
+
+    The Event's reason is the new phase when the phase changed, else the new Ready reason."""
+    before, after = previous.condition("Ready"), current.condition("Ready")
+    if previous.phase == current.phase and (before and before.reason) == (after and after.reason):
+        return None
+    reason = after.reason if after else ""
+    detail = f"{reason}: {after.message}".rstrip(": ") if after else ""
+    return Announcement(
+        warning=current.phase == "Failed" or reason in WARNING_REASONS,
+        reason=str(current.phase) if previous.phase != current.phase else reason,
+        message=f"phase {previous.phase or 'None'} -> {current.phase}. {detail}".strip(),
     )

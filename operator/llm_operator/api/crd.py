@@ -36,7 +36,12 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase"},
     {"name": "Ready", "type": "string", "jsonPath": ".status.ready", "description": "Ready/desired replicas"},
     {"name": "URL", "type": "string", "jsonPath": ".status.url", "description": "Client URL"},
-    {"name": "GPUs", "type": "integer", "jsonPath": ".spec.accelerator.count", "description": "GPUs per replica"},
+    {
+        "name": "GPUs",
+        "type": "integer",
+        "jsonPath": ".spec.accelerator.count",
+        "description": "GPUs per replica",
+    },
     {
         "name": "Reason",
         "type": "string",
@@ -164,7 +169,9 @@ def render_yaml() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="file to write or check")
     parser.add_argument("--check", action="store_true", help="fail when the file differs from the models")
     args = parser.parse_args(argv)

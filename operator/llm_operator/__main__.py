@@ -1,0 +1,113 @@
+"""`python -m llm_operator`: run the operator (kopf watches + reconcile workers + leader election)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Sequence
+
+import kopf
+from prometheus_client import start_http_server
+
+from llm_operator import logs
+from llm_operator.controller import Controller
+from llm_operator.handlers import build_registry
+from llm_operator.kube import Credentials, Kube
+from llm_operator.leader import LeaderElector
+from llm_operator.settings import Settings
+
+log = logging.getLogger("llm_operator")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    defaults = Settings()
+    p = argparse.ArgumentParser(prog="python -m llm_operator", description=__doc__)
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
+    p.add_argument("--context", help="kubeconfig context")
+    p.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        dest="namespaces",
+        help="watch only this namespace (repeatable; default: all namespaces)",
+    )
+    p.add_argument("--image", default=defaults.image, help="default serving image")
+    p.add_argument("--gateway-url", default=defaults.gateway_url, help="base URL of the gateway")
+    p.add_argument(
+        "--system-namespace",
+        default=os.environ.get("POD_NAMESPACE", defaults.system_namespace),
+        help="namespace of the operator and gateway",
+    )
+    p.add_argument("--termination-grace-seconds", type=int, default=defaults.termination_grace_seconds)
+    p.add_argument("--startup-seconds", type=int, default=defaults.startup_seconds)
+    p.add_argument("--workers", type=int, default=16, help="concurrent reconcile passes")
+    p.add_argument(
+        "--no-leader-election",
+        dest="leader_election",
+        action="store_false",
+        help="act without holding the Lease (a single replica only)",
+    )
+    p.add_argument("--lease-name", default="llm-operator")
+    p.add_argument("--lease-namespace", help="namespace of the Lease (default: --system-namespace)")
+    p.add_argument("--lease-seconds", type=int, default=15)
+    p.add_argument("--identity", default=f"{socket.gethostname()}-{os.getpid()}", help="this replica's name")
+    p.add_argument("--liveness", help="kopf liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics port (0: off)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> None:
+    settings = Settings(
+        image=args.image,
+        gateway_url=args.gateway_url,
+        system_namespace=args.system_namespace,
+        termination_grace_seconds=args.termination_grace_seconds,
+        startup_seconds=args.startup_seconds,
+    )
+    credentials = Credentials.load(args.kubeconfig, args.context)
+    async with Kube(credentials) as kube:
+        elector = None
+        if args.leader_election:
+            elector = LeaderElector(
+                kube,
+                args.lease_namespace or args.system_namespace,
+                args.lease_name,
+                args.identity,
+                lease_seconds=args.lease_seconds,
+                retry_seconds=max(1.0, args.lease_seconds / 5),
+            )
+        controller = Controller(kube, settings, workers=args.workers, elector=elector, identity=args.identity)
+        registry = build_registry(controller, credentials)
+        work = asyncio.create_task(controller.run(), name="controller")
+        log.info("starting", extra={"identity": args.identity, "namespaces": args.namespaces or "all"})
+        try:
+            await kopf.operator(
+                registry=registry,
+                standalone=True,
+                clusterwide=not args.namespaces,
+                namespaces=args.namespaces,
+                liveness_endpoint=args.liveness,
+            )
+        finally:
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            log.info("stopped", extra={"identity": args.identity})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logs.configure(getattr(logging, args.log_level.upper()))
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""retry_delay maps each failure to a retry policy; the JSON log formatter keeps the endpoint's name."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from llm_operator.controller import MAX_DELAY, retry_delay
+from llm_operator.errors import (
+    APIUnavailableError,
+    ConflictError,
+    InvalidEndpointError,
+    InvalidObjectError,
+    NotFoundError,
+    api_error,
+)
+from llm_operator.handlers import may_have_drifted, only_ours
+from llm_operator.logs import JsonFormatter
+
+
+def test_conflicts_retry_at_once_then_back_off() -> None:
+    conflict = ConflictError(409, {"reason": "Conflict"}, "PATCH x")
+    assert retry_delay(conflict, 1) == 0.0
+    assert retry_delay(conflict, 5) == 0.5
+
+
+def test_transient_errors_back_off_exponentially_up_to_a_cap() -> None:
+    error = APIUnavailableError("down")
+    delays = [retry_delay(error, n) for n in range(1, 12)]
+    assert delays[:3] == [0.5, 1.0, 2.0]
+    assert max(d for d in delays if d is not None) == MAX_DELAY
+
+
+def test_permanent_errors_wait_for_a_change() -> None:
+    assert retry_delay(InvalidEndpointError("bad"), 1) is None
+    assert retry_delay(InvalidObjectError(422, {}, "x"), 1) is None
+
+
+def test_api_error_classes() -> None:
+    assert isinstance(api_error(404, {}, "x"), NotFoundError)
+    assert isinstance(api_error(409, {}, "x"), ConflictError)
+    error = api_error(422, {"reason": "Invalid", "message": "spec.x: bad"}, "PATCH /y")
+    assert isinstance(error, InvalidObjectError)
+    assert "spec.x: bad" in str(error)
+    assert "PATCH /y" in str(error)
+
+
+def test_json_log_line_has_the_endpoint() -> None:
+    record = logging.getLogger("t").makeRecord(
+        "t",
+        logging.INFO,
+        __file__,
+        1,
+        "reconciled",
+        (),
+        None,
+        extra={"namespace": "ml", "endpoint": "falcon"},
+    )
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "reconciled"
+    assert (line["namespace"], line["endpoint"], line["level"]) == ("ml", "falcon", "info")
+
+
+def test_kopf_object_reference_becomes_namespace_and_object() -> None:
+    ref = {"kind": "Deployment", "name": "falcon", "namespace": "ml"}
+    record = logging.getLogger("kopf.objects").makeRecord(
+        "kopf.objects",
+        logging.WARNING,
+        __file__,
+        1,
+        "x",
+        (),
+        None,
+        extra={"k8s_ref": ref, "settings": object()},
+    )
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["namespace"], line["object"]) == ("ml", "Deployment/falcon")
+    assert "settings" not in line
+
+
+def test_echo_of_own_apply_is_ignored() -> None:
+    ours = {"managedFields": [{"manager": "llm-operator", "operation": "Apply"}]}
+    edited = {"managedFields": [*ours["managedFields"], {"manager": "kubectl-edit", "operation": "Update"}]}
+    assert only_ours("ADDED", ours)
+    assert only_ours("MODIFIED", ours)
+    assert not only_ours("DELETED", ours)
+    assert not only_ours(None, ours)
+    assert not only_ours("MODIFIED", edited)
+    assert not only_ours("MODIFIED", {})
+
+
+def test_only_foreign_spec_or_metadata_writes_count_as_drift() -> None:
+    ours = {"manager": "llm-operator", "operation": "Apply"}
+    status = {"manager": "kube-controller-manager", "operation": "Update", "subresource": "status"}
+    scale = {"manager": "llm-autoscaler", "operation": "Update", "subresource": "scale"}
+    edit = {"manager": "kubectl-edit", "operation": "Update"}
+    assert not may_have_drifted("MODIFIED", "Deployment", {"managedFields": [ours, status, scale]})
+    assert may_have_drifted("MODIFIED", "Deployment", {"managedFields": [ours, status, edit]})
+    assert may_have_drifted("DELETED", "Service", {"managedFields": [ours]})
+    assert may_have_drifted(None, "Service", {"managedFields": [ours]})
+    assert not may_have_drifted("DELETED", "Pod", {"managedFields": [edit]})

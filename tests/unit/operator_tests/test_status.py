@@ -1,0 +1,247 @@
+"""compute_status(): phases, conditions and messages from children."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from llm_operator.api.v1alpha1 import LLMEndpoint, LLMEndpointStatus
+from llm_operator.status import announcement, compute_status
+
+from tests.unit.operator_tests.factories import deployment, endpoint, pod
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+URL = "http://gw/ml/falcon"
+GPU = {"accelerator": {"type": "nvidia-a100-80gb", "count": 4}}
+SCHEDULER = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are available."
+
+
+def status(
+    ep: LLMEndpoint,
+    dep: dict[str, Any] | None,
+    pods: Sequence[dict[str, Any]] = (),
+    events: Sequence[dict[str, Any]] = (),
+    now: datetime = NOW,
+) -> LLMEndpointStatus:
+    return compute_status(ep, dep, list(pods), list(events), now, URL)
+
+
+def conditions(result: LLMEndpointStatus) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status, c.reason) for c in result.conditions}
+
+
+def test_no_deployment_yet_is_pending() -> None:
+    result = status(endpoint(), None)
+    assert result.phase == "Pending"
+    assert conditions(result)["Ready"] == ("False", "Creating")
+    assert conditions(result)["Progressing"][0] == "True"
+    assert result.url == URL
+    assert result.observed_generation == 1
+
+
+def test_waiting_for_gpu_quotes_the_scheduler() -> None:
+    event = {
+        "reason": "FailedScheduling",
+        "involvedObject": {"name": "p1"},
+        "message": SCHEDULER,
+        "lastTimestamp": "2026-01-02T03:04:00Z",
+    }
+    older = {**event, "message": "old news", "lastTimestamp": "2026-01-02T03:00:00Z"}
+    result = status(
+        endpoint(GPU), deployment(1, 0), [pod(phase="Pending", scheduled="Unschedulable")], [older, event]
+    )
+    assert result.phase == "Pending"
+    ready = result.condition("Ready")
+    assert ready is not None
+    assert ready.reason == "WaitingForGPU"
+    assert ready.message == f"1 pod(s) need 4 nvidia.com/gpu (nvidia-a100-80gb): {SCHEDULER}"
+    assert conditions(result)["Progressing"] == ("True", "WaitingForGPU")
+    assert result.ready == "0/1"
+
+
+def test_unschedulable_without_events_uses_the_pod_condition() -> None:
+    result = status(
+        endpoint(), deployment(1, 0), [pod(phase="Pending", scheduled="Unschedulable", message="no node")]
+    )
+    ready = result.condition("Ready")
+    assert ready is not None
+    assert (ready.reason, ready.message) == ("Unschedulable", "1 pod(s) need a node: no node")
+
+
+def test_running_not_ready_is_loading() -> None:
+    result = status(endpoint(), deployment(1, 0), [pod(phase="Running", ready=False)])
+    assert result.phase == "Loading"
+    ready = result.condition("Ready")
+    assert ready is not None
+    assert ready.reason == "ModelLoading"
+    assert "tiiuae/falcon-40b-instruct" in ready.message
+
+
+def test_scheduled_but_not_started_is_pending() -> None:
+    result = status(endpoint(), deployment(1, 0), [pod(phase="Pending")])
+    assert result.phase == "Pending"
+    assert conditions(result)["Ready"] == ("False", "ContainerCreating")
+
+
+def test_running() -> None:
+    result = status(endpoint(), deployment(2, 2), [pod("a", ready=True), pod("b", ready=True)])
+    assert result.phase == "Running"
+    assert conditions(result) == {
+        "Ready": ("True", "Serving"),
+        "Progressing": ("False", "Stable"),
+        "ScaledToZero": ("False", "Scaled"),
+        "Degraded": ("False", "Healthy"),
+    }
+    assert (result.replicas, result.ready_replicas, result.ready) == (2, 2, "2/2")
+
+
+def test_partly_ready_is_running_and_progressing() -> None:
+    result = status(endpoint(), deployment(2, 1), [pod("a", ready=True), pod("b")])
+    assert result.phase == "Running"
+    assert conditions(result)["Progressing"] == ("True", "ModelLoading")
+
+
+def test_scaled_to_zero() -> None:
+    result = status(endpoint(), deployment(0, 0), [])
+    assert result.phase == "ScaledToZero"
+    assert conditions(result)["Ready"] == ("True", "ScaledToZero")
+    assert conditions(result)["ScaledToZero"] == ("True", "ScaledToZero")
+    assert conditions(result)["Progressing"] == ("False", "Stable")
+
+
+def test_scaling_down_to_zero_with_pods_stopping() -> None:
+    result = status(endpoint(), deployment(0, 0), [pod(ready=True)])
+    assert result.phase == "ScaledToZero"
+    assert conditions(result)["Progressing"] == ("True", "ScalingDown")
+
+
+def test_terminating_pods_are_ignored() -> None:
+    result = status(
+        endpoint(),
+        deployment(1, 1),
+        [pod("old", deleting=True, waiting="CrashLoopBackOff"), pod("new", ready=True)],
+    )
+    assert conditions(result)["Degraded"] == ("False", "Healthy")
+
+
+def test_image_pull_failure_fails() -> None:
+    result = status(
+        endpoint(),
+        deployment(1, 0),
+        [pod(phase="Pending", waiting="ErrImagePull", waiting_message="not found: serving:typo")],
+    )
+    assert result.phase == "Failed"
+    ready = result.condition("Ready")
+    assert ready is not None
+    assert ready.reason == "ImagePullBackOff"
+    assert "serving:typo" in ready.message
+    assert conditions(result)["Degraded"] == ("True", "ImagePullBackOff")
+    assert conditions(result)["Progressing"] == ("False", "ImagePullBackOff")
+
+
+def test_crash_loop_says_how_it_exited() -> None:
+    terminated = {"exitCode": 137, "reason": "OOMKilled"}
+    result = status(endpoint(), deployment(1, 0), [pod(waiting="CrashLoopBackOff", terminated=terminated)])
+    assert result.phase == "Failed"
+    ready = result.condition("Ready")
+    assert ready is not None
+    assert ready.reason == "CrashLoopBackOff"
+    assert ready.message == "1 pod(s) in CrashLoopBackOff: last exit 137 (OOMKilled) after 3 restarts"
+
+
+def test_crash_loop_beside_a_ready_replica_is_running_but_degraded() -> None:
+    result = status(
+        endpoint(), deployment(2, 1), [pod("a", ready=True), pod("b", waiting="CrashLoopBackOff")]
+    )
+    assert result.phase == "Running"
+    assert conditions(result)["Degraded"] == ("True", "CrashLoopBackOff")
+
+
+def test_replica_failure_condition_fails() -> None:
+    failure = {
+        "type": "ReplicaFailure",
+        "status": "True",
+        "reason": "FailedCreate",
+        "message": 'pods "falcon-x" is forbidden: exceeded quota',
+    }
+    result = status(endpoint(), deployment(1, 0, conditions=[failure]), [])
+    assert result.phase == "Failed"
+    ready = result.condition("Ready")
+    assert ready is not None
+    assert (ready.reason, ready.message) == ("FailedCreate", failure["message"])
+
+
+def test_progress_deadline_is_degraded() -> None:
+    stuck = {
+        "type": "Progressing",
+        "status": "False",
+        "reason": "ProgressDeadlineExceeded",
+        "message": "too slow",
+    }
+    result = status(endpoint(), deployment(1, 1, conditions=[stuck]), [pod(ready=True)])
+    assert conditions(result)["Degraded"] == ("True", "ProgressDeadlineExceeded")
+
+
+def test_rolling_out() -> None:
+    result = status(endpoint(), deployment(2, 2, updated=1), [pod("a", ready=True), pod("b", ready=True)])
+    assert conditions(result)["Progressing"] == ("True", "RollingOut")
+
+
+def test_transition_time_kept_while_status_holds() -> None:
+    first = status(endpoint(), deployment(1, 1), [pod(ready=True)])
+    previous = first.model_dump(by_alias=True, mode="json", exclude_none=True)
+    later = status(
+        endpoint(status=previous), deployment(1, 1), [pod(ready=True)], now=NOW + timedelta(hours=1)
+    )
+    assert later == first
+    ready = later.condition("Ready")
+    assert ready is not None
+    assert ready.last_transition_time == NOW
+    flipped = status(endpoint(status=previous), deployment(1, 0), [pod()], now=NOW + timedelta(hours=2))
+    ready = flipped.condition("Ready")
+    assert ready is not None
+    assert ready.last_transition_time == NOW + timedelta(hours=2)
+
+
+def test_generation_and_last_request_time_carried() -> None:
+    ep = endpoint(status={"lastRequestTime": "2026-01-01T00:00:00Z"}, generation=7)
+    result = status(ep, deployment(1, 1), [pod(ready=True)])
+    assert result.observed_generation == 7
+    assert all(c.observed_generation == 7 for c in result.conditions)
+    assert result.last_request_time == datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_announcement_on_phase_and_reason_changes() -> None:
+    gpu = endpoint(GPU)
+    pending = status(gpu, deployment(1, 0), [pod(phase="Pending")])
+    first = announcement(gpu.status, pending)
+    assert first is not None
+    assert (first.warning, first.reason) == (False, "Pending")
+    assert first.message == "phase None -> Pending. ContainerCreating: 1 pod(s) starting"
+    waiting = status(
+        gpu, deployment(1, 0), [pod(phase="Pending", scheduled="Unschedulable", message=SCHEDULER)]
+    )
+    news = announcement(pending, waiting)
+    assert news is not None
+    assert (news.warning, news.reason) == (True, "WaitingForGPU")
+    assert announcement(waiting, waiting) is None
+    running = status(gpu, deployment(1, 1), [pod(ready=True)])
+    news = announcement(waiting, running)
+    assert news is not None
+    assert (news.warning, news.reason) == (False, "Running")
+    failed = status(gpu, deployment(1, 0), [pod(waiting="CrashLoopBackOff")])
+    news = announcement(running, failed)
+    assert news is not None
+    assert (news.warning, news.reason) == (True, "Failed")
+
+
+def test_gpu_pod_blocked_by_something_else_is_not_waiting_for_gpu() -> None:
+    unbound = "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims."
+    result = status(
+        endpoint(GPU), deployment(1, 0), [pod(phase="Pending", scheduled="Unschedulable", message=unbound)]
+    )
+    ready = result.condition("Ready")
+    assert ready is not None
+    assert ready.reason == "Unschedulable"
+    assert ready.message.endswith(unbound)
