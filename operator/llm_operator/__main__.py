@@ -1,4 +1,4 @@
-"""`python -m llm_operator`: run the operator (kopf watches + reconcile workers + leader election)."""
+"""`python -m llm_operator`: the operator (kopf watches, reconcile workers, leader election, autoscaler)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,21 @@ import kopf
 from prometheus_client import start_http_server
 
 from llm_operator import logs
+from llm_operator.autoscale.decide import Tuning
+from llm_operator.autoscale.loop import (
+    AutoscalerSettings,
+    GatewaySource,
+    MetricsSource,
+    PrometheusSource,
+    gateway_pod_urls,
+    run_autoscaler,
+    static_urls,
+)
 from llm_operator.controller import Controller
 from llm_operator.handlers import build_registry
 from llm_operator.kube import Credentials, Kube
 from llm_operator.leader import LeaderElector
-from llm_operator.settings import Settings
+from llm_operator.settings import GATEWAY_LABELS, Settings
 
 log = logging.getLogger("llm_operator")
 
@@ -58,8 +68,45 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--identity", default=f"{socket.gethostname()}-{os.getpid()}", help="this replica's name")
     p.add_argument("--liveness", help="kopf liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics port (0: off)")
+    scaling = p.add_argument_group("autoscaler (runs in the replica that holds the Lease)")
+    scaling.add_argument(
+        "--prometheus-url", help="read request metrics through this Prometheus server instead of the gateways"
+    )
+    scaling.add_argument(
+        "--gateway-metrics-url",
+        action="append",
+        default=[],
+        help="scrape this gateway metrics URL (repeatable; default: the ready gateway pods)",
+    )
+    scaling.add_argument("--gateway-metrics-port", type=int, default=8080, help="gateway pods' metrics port")
+    tuning = Tuning()
+    scaling.add_argument("--autoscale-interval", type=float, default=AutoscalerSettings().interval)
+    scaling.add_argument("--autoscale-window", type=float, default=tuning.window, help="seconds averaged")
+    scaling.add_argument(
+        "--scale-down-stabilization",
+        type=float,
+        default=tuning.scale_down_stabilization,
+        help="seconds of recommendations a scale-down respects",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
+
+
+def metrics_source(args: argparse.Namespace, kube: Kube, settings: Settings) -> MetricsSource:
+    """Where the autoscaler reads request metrics: Prometheus, listed gateways, or the gateway pods."""
+    if args.prometheus_url:
+        return PrometheusSource(args.prometheus_url)
+    if args.gateway_metrics_url:
+        return GatewaySource(static_urls(args.gateway_metrics_url))
+    pods = gateway_pod_urls(kube, settings.system_namespace, GATEWAY_LABELS, args.gateway_metrics_port)
+    return GatewaySource(pods)
+
+
+def autoscaler_settings(args: argparse.Namespace) -> AutoscalerSettings:
+    tuning = Tuning(window=args.autoscale_window, scale_down_stabilization=args.scale_down_stabilization)
+    return AutoscalerSettings(
+        interval=args.autoscale_interval, tuning=tuning, namespaces=tuple(args.namespaces)
+    )
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -85,6 +132,15 @@ async def run(args: argparse.Namespace) -> None:
         controller = Controller(kube, settings, workers=args.workers, elector=elector, identity=args.identity)
         registry = build_registry(controller, credentials)
         work = asyncio.create_task(controller.run(), name="controller")
+        scaler = asyncio.create_task(
+            run_autoscaler(
+                kube,
+                metrics_source(args, kube, settings),
+                autoscaler_settings(args),
+                leading=controller.leading,
+            ),
+            name="autoscaler",
+        )
         log.info("starting", extra={"identity": args.identity, "namespaces": args.namespaces or "all"})
         try:
             await kopf.operator(
@@ -95,9 +151,10 @@ async def run(args: argparse.Namespace) -> None:
                 liveness_endpoint=args.liveness,
             )
         finally:
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
+            for task in (work, scaler):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             log.info("stopped", extra={"identity": args.identity})
 
 

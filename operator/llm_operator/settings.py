@@ -20,6 +20,10 @@ API_KEY_SECRET_ANNOTATION = "llm-endpoints.io/api-key-secret"
 API_KEY_KEY_ANNOTATION = "llm-endpoints.io/api-key-key"
 URL_ANNOTATION = "llm-endpoints.io/url"
 
+# Labels of the gateway pods (the chart sets them); the autoscaler scrapes the ready ones.
+GATEWAY_LABELS: Mapping[str, str] = MappingProxyType({"app.kubernetes.io/name": "llm-gateway"})
+# The gateway's path prefix for endpoints: <gateway>/endpoints/<namespace>/<name>/<route>.
+ENDPOINTS_PATH = "/endpoints"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_PRODUCTS: Mapping[str, tuple[str, ...]] = MappingProxyType(
@@ -48,7 +52,7 @@ class Settings:
     system_namespace: str = "llm-system"
     """Namespace of the operator and the gateway (allowed through endpoints' NetworkPolicies)."""
     gateway_url: str = "http://llm-gateway.llm-system.svc.cluster.local"
-    """Base URL of the gateway; an endpoint's URL is `<gateway_url>/<namespace>/<name>`."""
+    """Base URL of the gateway; an endpoint's URL is `<gateway_url>/endpoints/<namespace>/<name>`."""
     termination_grace_seconds: int = 300
     """How long a stopping replica may take to finish its streams."""
     startup_seconds: int = 3600
@@ -56,4 +60,4 @@ class Settings:
 
     def url(self, namespace: str, name: str) -> str:
         """The URL clients use for an endpoint."""
-        return f"{self.gateway_url.rstrip('/')}/{namespace}/{name}"
+        return f"{self.gateway_url.rstrip('/')}{ENDPOINTS_PATH}/{namespace}/{name}"

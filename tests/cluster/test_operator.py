@@ -122,13 +122,13 @@ def test_status_running_on_kwok_with_events_and_json_logs(
     kubectl_apply(cluster, endpoint("cpu", namespace))
     body = wait_phase(cluster, namespace, "cpu", "Running", operator)
     status = body["status"]
-    assert status["url"] == f"http://gateway.test/{namespace}/cpu"
+    assert status["url"] == f"http://gateway.test/endpoints/{namespace}/cpu"
     assert (status["readyReplicas"], status["replicas"], status["ready"]) == (1, 1, "1/1")
     assert status["observedGeneration"] == body["metadata"]["generation"]
     assert condition(body, "Ready")["status"] == "True"
     assert condition(body, "Degraded")["status"] == "False"
     printed = cluster.kubectl("get", "llme", "cpu", "-n", namespace).stdout.splitlines()[1].split()
-    assert printed[1:4] == ["Running", "1/1", f"http://gateway.test/{namespace}/cpu"]
+    assert printed[1:4] == ["Running", "1/1", f"http://gateway.test/endpoints/{namespace}/cpu"]
     events = get(cluster, "events", "-n", namespace, "--field-selector", "involvedObject.kind=LLMEndpoint")[
         "items"
     ]

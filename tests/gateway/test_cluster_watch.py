@@ -88,7 +88,7 @@ async def test_watcher_builds_the_table_and_the_wake_scales_up(cluster: Cluster)
     tables: list[RoutingTable] = [RoutingTable()]
     credentials = Credentials.load(str(cluster.kubeconfig))
     async with Kube(credentials) as kube:
-        watcher = ClusterWatcher(credentials, kube, tables.append, namespace=namespace)
+        watcher = ClusterWatcher(credentials, kube, tables.append, namespaces=[namespace])
         watching = asyncio.create_task(watcher.run())
         try:
             await until(lambda: (r := tables[-1].get(key)) is not None and bool(r.addresses), "route", 30)

@@ -152,6 +152,8 @@ class AutoscalerSettings:
     status_every: float = 10.0
     """status.lastRequestTime is rewritten when the gateways' value is at least this much newer."""
     scrape_timeout: float = 3.0
+    namespaces: tuple[str, ...] = ()
+    """Namespaces whose endpoints it scales, as the operator watches them; empty means all."""
 
 
 def _unix(text: str | None) -> float | None:
@@ -173,16 +175,27 @@ class Autoscaler:
         self.kube, self.source, self.settings, self.started = kube, source, settings, started
         self.history: dict[Key, deque[Sample]] = {}
 
+    async def _list(
+        self, api_version: str, kind: str, labels: dict[str, str] | None = None
+    ) -> list[Manifest]:
+        """Objects in the namespaces it scales (one cluster-wide list when it scales all)."""
+        if not self.settings.namespaces:
+            return await self.kube.list(api_version, kind, labels=labels)
+        listed = [
+            await self.kube.list(api_version, kind, ns, labels=labels) for ns in self.settings.namespaces
+        ]
+        return [item for items in listed for item in items]
+
     async def tick(self, session: aiohttp.ClientSession, now: float) -> dict[Key, Decision]:
         try:
             readings: dict[Key, Reading] | None = await self.source.read(session)
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, OperatorError) as error:
             log.warning("request metrics unavailable this tick: %s", error)
             readings = None
-        endpoints = await self.kube.list(API_VERSION, KIND)
+        endpoints = await self._list(API_VERSION, KIND)
         deployments = {
             (d["metadata"]["namespace"], d["metadata"]["name"]): d
-            for d in await self.kube.list("apps/v1", "Deployment", labels=dict(MANAGED_BY))
+            for d in await self._list("apps/v1", "Deployment", labels=dict(MANAGED_BY))
         }
         decisions: dict[Key, Decision] = {}
         seen: set[Key] = set()

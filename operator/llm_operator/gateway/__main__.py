@@ -25,7 +25,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m llm_operator.gateway", description=__doc__)
     p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
     p.add_argument("--context", help="kubeconfig context")
-    p.add_argument("-n", "--namespace", help="serve only this namespace's endpoints (default: all)")
+    p.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        dest="namespaces",
+        help="serve only this namespace's endpoints (repeatable; default: all namespaces)",
+    )
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument(
@@ -80,7 +87,7 @@ async def run(args: argparse.Namespace) -> None:
             credentials,
             kube,
             gateway.set_table,
-            namespace=args.namespace,
+            namespaces=args.namespaces,
             token_refresh_seconds=args.token_refresh_seconds,
         )
         watching = asyncio.create_task(watcher.run(), name="watch")

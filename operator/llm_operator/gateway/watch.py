@@ -15,7 +15,7 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -85,11 +85,13 @@ class ClusterWatcher:
         kube: Kube,
         publish: Callable[[RoutingTable], None],
         *,
-        namespace: str | None = None,
+        namespaces: Sequence[str] = (),
         token_refresh_seconds: float = 30.0,
     ) -> None:
         self.credentials, self.kube, self.publish = credentials, kube, publish
-        self.namespace, self.token_refresh_seconds = namespace, token_refresh_seconds
+        self.scopes: tuple[str | None, ...] = tuple(namespaces) or (None,)
+        """Namespaces watched, each on its own; (None,) watches the whole cluster."""
+        self.token_refresh_seconds = token_refresh_seconds
         self.endpoints: dict[Key, tuple[Access, tuple[str, str] | None]] = {}
         self.slices: dict[Key, Manifest] = {}
         self.tokens: dict[tuple[str, str, str], str] = {}
@@ -97,7 +99,7 @@ class ClusterWatcher:
         self._listed: set[str] = set()
 
     def _publish(self) -> None:
-        if len(self._listed) == 2:
+        if len(self._listed) == 2 * len(self.scopes):  # both kinds listed in every scope
             self.publish(build_table(self.endpoints, self.slices.values(), self.tokens))
             self.synced.set()
 
@@ -106,15 +108,20 @@ class ClusterWatcher:
         timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=WATCH_SECONDS + 30)
         connector = aiohttp.TCPConnector(ssl=self.credentials.ssl_context())
         async with aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=2**22) as session:
+            slices = {"labelSelector": ENDPOINT_LABEL}
             await asyncio.gather(
-                self._watch(session, resource_path(API_VERSION, KIND, self.namespace), {}, self._on_endpoint),
-                self._watch(session, self._slices_path(), {"labelSelector": ENDPOINT_LABEL}, self._on_slice),
+                *(
+                    self._watch(session, resource_path(API_VERSION, KIND, ns), {}, self._on_endpoint)
+                    for ns in self.scopes
+                ),
+                *(self._watch(session, self._slices_path(ns), slices, self._on_slice) for ns in self.scopes),
                 self._refresh_tokens(),
             )
 
-    def _slices_path(self) -> str:
+    @staticmethod
+    def _slices_path(namespace: str | None) -> str:
         api, plural = SLICES
-        scope = f"/namespaces/{self.namespace}" if self.namespace else ""
+        scope = f"/namespaces/{namespace}" if namespace else ""
         return f"/apis/{api}{scope}/{plural}"
 
     async def _on_endpoint(self, kind: str, body: Manifest) -> None:
@@ -181,10 +188,11 @@ class ClusterWatcher:
     async def _replace_all(
         self, handle: Callable[[str, Manifest], Awaitable[None]], items: list[Manifest], path: str
     ) -> None:
-        if path.endswith("/endpointslices"):
-            self.slices.clear()
-        else:
-            self.endpoints.clear()
+        """A fresh list of one scope replaces what that scope held before."""
+        namespace = path.split("/namespaces/")[1].split("/")[0] if "/namespaces/" in path else None
+        held = self.slices if path.endswith("/endpointslices") else self.endpoints
+        for key in [k for k in held if namespace is None or k[0] == namespace]:
+            del held[key]
         for item in items:
             await handle("ADDED", item)
 

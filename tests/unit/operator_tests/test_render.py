@@ -233,7 +233,7 @@ def test_service_carries_routing_for_the_gateway() -> None:
     assert service["spec"]["selector"] == {ENDPOINT_LABEL: "falcon"}
     assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
     annotations = service["metadata"]["annotations"]
-    assert annotations["llm-endpoints.io/url"] == "http://gw.example/ml/falcon"
+    assert annotations["llm-endpoints.io/url"] == "http://gw.example/endpoints/ml/falcon"
     assert annotations["llm-endpoints.io/access"] == "protected"
     assert annotations["llm-endpoints.io/api-key-secret"] == "falcon-api-key"
     assert annotations["llm-endpoints.io/api-key-key"] == "token"

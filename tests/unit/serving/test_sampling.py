@@ -1,0 +1,86 @@
+"""Logits processors, sampling and stopping on hand-made tensors."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from llm_serving.engine.request import FinishReason
+from llm_serving.sampling.logits import RowContext, candidates, penalize, top_p, typical_p
+from llm_serving.sampling.params import SamplingParams, StoppingParams
+from llm_serving.sampling.sampler import choose, make_generator
+from llm_serving.sampling.stopping import check_stop
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
+
+
+def row(prompt: tuple[int, ...] = (), output: tuple[int, ...] = (), **params: object) -> RowContext:
+    return RowContext(SamplingParams(**params), prompt, output)  # type: ignore[arg-type]
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative() -> None:
+    out = penalize(LOGITS, [row(prompt=(0, 3), repetition_penalty=2.0)])
+    assert out[0].tolist() == [1.0, 1.0, 0.5, -2.0, -3.0]
+
+
+def test_frequency_penalty_counts_output_only() -> None:
+    out = penalize(LOGITS, [row(prompt=(1,), output=(0, 0, 2), frequency_penalty=0.5)])
+    assert out[0].tolist() == [1.0, 1.0, 0.0, -1.0, -3.0]
+
+
+def test_rows_are_processed_independently() -> None:
+    both = penalize(LOGITS.repeat(2, 1), [row(prompt=(0,), repetition_penalty=2.0), row()])
+    assert both[1].tolist() == LOGITS[0].tolist()
+    assert both[0].tolist() == penalize(LOGITS, [row(prompt=(0,), repetition_penalty=2.0)])[0].tolist()
+
+
+def test_top_k_candidates_are_sorted_and_masked_per_row() -> None:
+    params = [SamplingParams(do_sample=True, top_k=2), SamplingParams(do_sample=True, top_k=3)]
+    values, ids = candidates(LOGITS.repeat(2, 1), params)
+    assert ids.tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert math.isinf(values[0, 2])
+    assert not math.isinf(values[1, 2])
+
+
+def test_top_p_keeps_the_nucleus() -> None:
+    values = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.15), math.log(0.05)]])
+    kept = top_p(values.clone(), [SamplingParams(top_p=0.7)])
+    assert [not math.isinf(v) for v in kept[0].tolist()] == [True, True, False, False]
+    assert not math.isinf(top_p(values.clone(), [SamplingParams(top_p=0.01)])[0, 0])
+
+
+def test_typical_p_drops_the_unlikely_tail() -> None:
+    values = torch.tensor([[math.log(0.6), math.log(0.3), math.log(0.09), math.log(0.01)]])
+    kept = typical_p(values.clone(), [SamplingParams(typical_p=0.5)])
+    assert math.isinf(kept[0, 3])
+
+
+def test_greedy_choice_and_top_tokens() -> None:
+    [choice] = choose(LOGITS, [row(top_n_tokens=2)], [None])
+    assert choice.token == 0
+    assert [t for t, _ in choice.top] == [0, 1]
+    assert math.isclose(choice.logprob, float(LOGITS.log_softmax(-1)[0, 0]), rel_tol=1e-6)
+
+
+def test_same_seed_same_samples_in_any_batch() -> None:
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(do_sample=True, temperature=1.5, top_k=20, top_p=0.9)
+
+    def run(batch: int) -> list[int]:
+        gens = [make_generator(7)] + [make_generator(i) for i in range(batch - 1)]
+        out = []
+        for _ in range(10):
+            rows = [RowContext(params, (), ())] * batch
+            out.append(choose(logits[:batch], rows, gens)[0].token)
+        return out
+
+    assert run(1) == run(4)
+
+
+def test_stopping_order_and_stop_strings() -> None:
+    p = StoppingParams(max_new_tokens=3, stop=("END",))
+    assert check_stop(5, 3, "abc", "c", p, {5}) is FinishReason.LENGTH
+    assert check_stop(5, 1, "abc", "c", p, {5}) is FinishReason.EOS_TOKEN
+    assert check_stop(1, 1, "the END", "ND", p, {5}) is FinishReason.STOP_SEQUENCE
+    assert check_stop(1, 1, "the END and more", " more", p, {5}) is None
+    assert check_stop(5, 1, "x", "x", StoppingParams(max_new_tokens=9, ignore_eos=True), {5}) is None

@@ -1,0 +1,80 @@
+"""TGI's validation rules, without a server."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from llm_serving.config import Limits
+from llm_serving.errors import ValidationError
+from llm_serving.protocol.tgi import GenerateParameters, GenerateRequest
+from llm_serving.validation import validate_input, validate_parameters
+
+LIMITS = Limits(max_input_tokens=10, max_total_tokens=20)
+
+
+def check(stream: bool = False, **fields: Any) -> Any:
+    return validate_parameters(GenerateParameters(**fields), LIMITS, stream=stream, rng=random.Random(0))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"temperature": 0.0}, "`temperature` must be strictly positive"),
+        ({"repetition_penalty": -1.0}, "`repetition_penalty` must be strictly positive"),
+        ({"frequency_penalty": -2.5}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+        ({"top_p": 1.0}, "`top_p` must be > 0.0 and < 1.0"),
+        ({"typical_p": 0.0}, "`typical_p` must be > 0.0 and < 1.0"),
+        ({"top_k": 0}, "`top_k` must be strictly positive"),
+        ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
+        ({"stop": ["a"] * 5}, "`stop` supports up to 4 stop sequences. Given: 5"),
+        ({"top_n_tokens": 9}, "`top_n_tokens` must be >= 0 and <= 5. Given: 9"),
+        ({"truncate": 11}, "`truncate` must be strictly positive and less than 10. Given: 11"),
+        ({"best_of": 2}, "you must use sampling when `best_of` is > 1"),
+        ({"best_of": 3, "do_sample": True}, "`best_of` must be > 0 and <= 2. Given: 3"),
+        ({"best_of": 2, "do_sample": True, "seed": 1}, "`seed` must not be set when `best_of` > 1"),
+        ({"grammar": {"type": "json", "value": {}}}, "grammar is not supported"),
+    ],
+)
+def test_rule_messages(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        check(**fields)
+    assert info.value.text == f"Input validation error: {message}"
+    assert info.value.status == 422
+    assert info.value.error_type == "validation"
+
+
+def test_stream_only_rules() -> None:
+    with pytest.raises(ValidationError, match="not supported when streaming"):
+        check(stream=True, best_of=2, do_sample=True)
+    with pytest.raises(ValidationError, match="`decoder_input_details` == true"):
+        check(stream=True, decoder_input_details=True)
+
+
+def test_any_warper_implies_sampling_and_gets_a_seed() -> None:
+    params = check(temperature=0.5)
+    assert params.sampling.do_sample
+    assert params.sampling.seed is not None
+    greedy = check()
+    assert not greedy.sampling.do_sample
+    assert greedy.sampling.seed is None
+    assert check(do_sample=True, seed=5).sampling.seed == 5
+
+
+def test_absent_parameters_mean_sampling() -> None:
+    assert GenerateRequest.model_validate({"inputs": "x"}).parameters.do_sample
+    assert not GenerateRequest.model_validate({"inputs": "x", "parameters": {}}).parameters.do_sample
+
+
+def test_lengths_truncation_and_default_budget() -> None:
+    params = check()
+    assert validate_input("x", [1, 2, 3], params, LIMITS).max_new_tokens == 17
+    truncated = validate_input("x", list(range(15)), check(truncate=4, max_new_tokens=2), LIMITS)
+    assert truncated.input_ids == (11, 12, 13, 14)
+    with pytest.raises(ValidationError, match=r"must have less than 10 tokens\. Given: 11"):
+        validate_input("x", list(range(11)), params, LIMITS)
+    with pytest.raises(ValidationError, match="Given: 5 `inputs` tokens and 16 `max_new_tokens`"):
+        validate_input("x", list(range(5)), check(max_new_tokens=16), LIMITS)
+    with pytest.raises(ValidationError, match="`inputs` cannot be empty"):
+        validate_input("", [], params, LIMITS)
