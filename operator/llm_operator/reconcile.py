@@ -15,7 +15,7 @@ from typing import Any
 
 import pydantic
 
-from llm_operator import apply
+from llm_operator import apply, metrics
 from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint, LLMEndpointStatus
 from llm_operator.errors import InvalidEndpointError, NotFoundError
 from llm_operator.kube import Kube
@@ -63,8 +63,10 @@ async def reconcile(
     try:
         body = await kube.get(API_VERSION, KIND, namespace, name)
     except NotFoundError:
+        metrics.forget(namespace, name)
         return Outcome(status=None)
     if body["metadata"].get("deletionTimestamp"):
+        metrics.forget(namespace, name)
         return Outcome(status=None)  # owner references let the garbage collector delete the children
     endpoint = parse(body)
     spec_changed = endpoint.status.observed_generation != endpoint.metadata.generation
@@ -93,6 +95,7 @@ async def reconcile(
         pods = await kube.list("v1", "Pod", namespace, labels=selector(endpoint))
     events = await _scheduling_events(kube, namespace, pods)
     status = compute_status(endpoint, deployment, pods, events, now(), settings.url(namespace, name))
+    metrics.record(endpoint, status)
 
     written = False
     if apply.status_patch(status) != apply.status_patch(endpoint.status):
