@@ -11,6 +11,7 @@ class ServingError(Exception):
     status: ClassVar[int] = 500
     error_type: ClassVar[str] = "generation"
     prefix: ClassVar[str] = ""
+    plain: ClassVar[bool] = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -75,3 +76,39 @@ class UnhealthyError(ServingError):
 
     status = 503
     error_type = "healthcheck"
+
+
+class BadJsonError(ServingError):
+    """The body is not JSON (axum answers in plain text)."""
+
+    status = 400
+    error_type = "bad_request"
+    prefix = "Failed to parse the request body as JSON: "
+    plain = True
+
+
+class BodyTypeError(ServingError):
+    """The JSON does not fit the route's type."""
+
+    status = 422
+    error_type = "unprocessable"
+    prefix = "Failed to deserialize the JSON body into the target type: "
+    plain = True
+
+
+class MediaTypeError(ServingError):
+    status = 415
+    error_type = "unsupported_media_type"
+    plain = True
+
+    def __init__(self, message: str = "Expected request with `Content-Type: application/json`") -> None:
+        super().__init__(message)
+
+
+class BodyTooLargeError(ServingError):
+    status = 413
+    error_type = "payload_too_large"
+    plain = True
+
+    def __init__(self, message: str = "Failed to buffer the request body: length limit exceeded") -> None:
+        super().__init__(message)

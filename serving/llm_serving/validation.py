@@ -85,7 +85,8 @@ def validate_parameters(
         raise ValidationError(f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. Given: {top_n}")
     if p.truncate is not None and not 0 < p.truncate <= limits.max_input_tokens:
         raise ValidationError(
-            f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. Given: {p.truncate}"
+            f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. "
+            f"Given: {p.truncate}"
         )
     if p.grammar is not None:
         raise ValidationError("grammar is not supported")
@@ -116,7 +117,9 @@ def validate_parameters(
     )
 
 
-def validate_input(inputs: str, input_ids: list[int], params: ValidParameters, limits: Limits) -> ValidRequest:
+def validate_input(
+    inputs: str, input_ids: list[int], params: ValidParameters, limits: Limits
+) -> ValidRequest:
     """Check the tokenized input against the length limits; truncate (left) and resolve `max_new_tokens`."""
     if not inputs:
         raise ValidationError("`inputs` cannot be empty")

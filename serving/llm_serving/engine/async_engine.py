@@ -7,7 +7,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from llm_serving.engine.engine import Engine, Event, FailureEvent, StepStats, TokenEvent
@@ -96,9 +96,13 @@ class AsyncEngine:
                 sink(group)
 
     async def generate(
-        self, prompt_ids: tuple[int, ...], sampling: SamplingParams, stopping: StoppingParams, prompt_logprobs: bool
-    ) -> AsyncIterator[TokenEvent]:
-        """Admit a request (or raise `OverloadedError`) and yield its tokens; closing the iterator cancels it."""
+        self,
+        prompt_ids: tuple[int, ...],
+        sampling: SamplingParams,
+        stopping: StoppingParams,
+        prompt_logprobs: bool,
+    ) -> AsyncGenerator[TokenEvent, None]:
+        """Admit a request (or raise `OverloadedError`) and yield its tokens; closing cancels it."""
         if self.in_flight >= self._max_concurrent:
             raise OverloadedError()
         self.in_flight += 1

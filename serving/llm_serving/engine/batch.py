@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -24,10 +25,15 @@ class Batch:
     def width(self) -> int:
         return int(self.mask.shape[1])
 
-    def _map(self, fn: object) -> None:
-        for layer in self.cache.layers:
-            layer.keys = fn(layer.keys)  # type: ignore[operator]
-            layer.values = fn(layer.values)  # type: ignore[operator]
+    @property
+    def layers(self) -> list[Any]:
+        """The cache's per-layer `keys`/`values` holders."""
+        return list(self.cache.layers)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for layer in self.layers:
+            layer.keys = fn(layer.keys)
+            layer.values = fn(layer.values)
 
     def filter(self, keep: Sequence[int]) -> Batch | None:
         """Keep rows `keep` (in that order) and drop padding columns no row needs any more."""
@@ -65,7 +71,7 @@ class Batch:
         width = max(first.width, second.width)
         first.pad_left(width)
         second.pad_left(width)
-        for a, b in zip(first.cache.layers, second.cache.layers, strict=True):
+        for a, b in zip(first.layers, second.layers, strict=True):
             a.keys = torch.cat([a.keys, b.keys], dim=0)
             a.values = torch.cat([a.values, b.values], dim=0)
         first.mask = torch.cat([first.mask, second.mask], dim=0)

@@ -35,6 +35,7 @@ class TokenEvent:
     top: tuple[TokenInfo, ...]
     finish_reason: FinishReason | None
     prompt_logprobs: list[float] | None = None
+    queued: float | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class Engine:
             return [], None
         start = self._clock()
         try:
-            events = self._run(out)
+            events = self._run(out, start)
         except Exception as exc:
             self.runner.reset()
             failed = self.scheduler.abort_all()
@@ -128,7 +129,7 @@ class Engine:
         )
         return events, stats
 
-    def _run(self, out: SchedulerOutput) -> list[Event]:
+    def _run(self, out: SchedulerOutput, start: float) -> list[Event]:
         plan = StepPlan(
             keep=out.keep,
             decode_tokens=tuple(r.output_ids[-1] for r in out.decode),
@@ -160,6 +161,7 @@ class Engine:
                     top=top,
                     finish_reason=reason,
                     prompt_logprobs=result.prompt_logprobs[i - len(out.decode)] if first else None,
+                    queued=start - request.arrival if first else None,
                 )
             )
         return events

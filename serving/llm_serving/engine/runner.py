@@ -44,7 +44,9 @@ class ModelRunner:
         self._broadcast = broadcast
         self._reset_pending = False
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache, keep: int) -> Any:
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache, keep: int
+    ) -> Any:
         return self.model(
             input_ids=ids.to(self.device),
             attention_mask=mask,
@@ -82,7 +84,8 @@ class ModelRunner:
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.size, 1))], dim=1)
         ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
         out = self._forward(ids, batch.mask, pos, batch.cache, 1)
-        return out.logits[:, -1, :].float()
+        logits: torch.Tensor = out.logits[:, -1, :].float()
+        return logits
 
     def execute(self, plan: StepPlan) -> StepLogits:
         """Run one step on this rank (broadcasting the plan first on rank 0 of a TP group)."""

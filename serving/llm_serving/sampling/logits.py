@@ -1,4 +1,8 @@
-"""Batched logits processors: each acts only on the rows that ask for it, row by row identical to a batch of one."""
+"""Batched logits processors. Each acts only on the rows that ask for it, alike in any batch.
+
+Penalties work on the whole vocabulary; sampling warpers on each row's top candidates (sorted), which is
+equivalent and much cheaper than sorting the vocabulary.
+"""
 
 from __future__ import annotations
 
@@ -75,57 +79,62 @@ def frequency_penalty(logits: torch.Tensor, rows: Sequence[RowContext]) -> None:
     logits[idx] = logits[idx] - penalty * counts
 
 
-def temperature(logits: torch.Tensor, rows: Sequence[RowContext]) -> None:
-    idx = _select(rows, lambda p: p.do_sample and p.temperature != 1.0)
-    if idx:
-        t = torch.tensor([rows[i].params.temperature for i in idx], dtype=logits.dtype).unsqueeze(1)
-        logits[idx] = logits[idx] / t
-
-
-def top_k(logits: torch.Tensor, rows: Sequence[RowContext]) -> None:
-    idx = _select(rows, lambda p: p.do_sample and 0 < p.top_k < logits.shape[-1])
-    if not idx:
-        return
-    sub = logits[idx]
-    ks = torch.tensor([rows[i].params.top_k for i in idx], dtype=torch.long).unsqueeze(1)
-    kth = sub.sort(dim=-1, descending=True).values.gather(1, ks - 1)
-    logits[idx] = sub.masked_fill(sub < kth, float("-inf"))
-
-
-def top_p(logits: torch.Tensor, rows: Sequence[RowContext]) -> None:
-    """Nucleus: keep the smallest set of most likely tokens whose mass reaches `top_p`."""
-    idx = _select(rows, lambda p: p.do_sample and p.top_p < 1.0)
-    if not idx:
-        return
-    sub = logits[idx]
-    mass = torch.tensor([rows[i].params.top_p for i in idx], dtype=logits.dtype).unsqueeze(1)
-    sorted_logits, order = sub.sort(dim=-1, descending=False)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove = cum <= (1 - mass)
-    remove[:, -1] = False
-    logits[idx] = sub.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-
-
-def typical_p(logits: torch.Tensor, rows: Sequence[RowContext]) -> None:
-    """Locally typical sampling: keep tokens whose surprisal is closest to the entropy, up to `typical_p` mass."""
-    idx = _select(rows, lambda p: p.do_sample and p.typical_p < 1.0)
-    if not idx:
-        return
-    sub = logits[idx]
-    mass = torch.tensor([rows[i].params.typical_p for i in idx], dtype=logits.dtype).unsqueeze(1)
-    logp = sub.log_softmax(dim=-1)
-    entropy = -(logp.exp() * logp).nansum(dim=-1, keepdim=True)
-    shifted = (-logp - entropy).abs()
-    sorted_shifted, order = shifted.sort(dim=-1)
-    cum = sub.gather(1, order).softmax(dim=-1).cumsum(dim=-1)
-    last = (cum < mass).sum(dim=1, keepdim=True).clamp(max=sub.shape[-1] - 1)
-    remove_sorted = sorted_shifted > sorted_shifted.gather(1, last)
-    logits[idx] = sub.masked_fill(remove_sorted.scatter(1, order, remove_sorted), float("-inf"))
-
-
-def process(logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:
-    """Run TGI's processor chain on float32 `[B, V]` logits: penalties first, then the sampling warpers."""
+def penalize(logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:
+    """Watermark, repetition and frequency penalties on float32 `[B, V]` logits (a copy), in TGI's order."""
     out = logits.float().clone()
-    for step in (watermark, repetition_penalty, frequency_penalty, temperature, top_k, top_p, typical_p):
+    for step in (watermark, repetition_penalty, frequency_penalty):
         step(out, rows)
     return out
+
+
+def candidates(scores: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, then the most likely tokens in descending order: `(values, token ids)`, both `[B, K]`.
+
+    K is the largest `top_k` (the whole vocabulary if a row has none), so the warpers below work on K columns.
+    """
+    temps = torch.tensor([p.temperature for p in params], dtype=scores.dtype).unsqueeze(1)
+    scores = scores / temps
+    vocab = scores.shape[-1]
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    width = max(ks)
+    if width < vocab:
+        values, ids = scores.topk(width, dim=-1)
+    else:
+        values, ids = scores.sort(dim=-1, descending=True)
+    rank = torch.arange(width).unsqueeze(0)
+    values = values.masked_fill(rank >= torch.tensor(ks).unsqueeze(1), float("-inf"))
+    return values, ids
+
+
+def top_p(values: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Nucleus on descending candidates: keep tokens until the mass before them reaches `top_p`."""
+    mass = torch.tensor([p.top_p for p in params], dtype=values.dtype).unsqueeze(1)
+    probs = values.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs
+    remove = before >= mass
+    remove[:, 0] = False
+    return values.masked_fill(remove, float("-inf"))
+
+
+def typical_p(values: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Typical sampling: keep tokens whose surprisal is closest to the entropy, up to `typical_p` mass."""
+    mass = torch.tensor([p.typical_p for p in params], dtype=values.dtype).unsqueeze(1)
+    logp = values.log_softmax(dim=-1)
+    entropy = -(logp.exp() * logp).nansum(dim=-1, keepdim=True)
+    shifted = (-logp - entropy).abs().nan_to_num(nan=float("inf"))
+    sorted_shifted, order = shifted.sort(dim=-1)
+    cum = logp.gather(1, order).exp().cumsum(dim=-1)
+    last = (cum < mass).sum(dim=1, keepdim=True).clamp(max=values.shape[-1] - 1)
+    remove_sorted = sorted_shifted > sorted_shifted.gather(1, last)
+    return values.masked_fill(remove_sorted.scatter(1, order, remove_sorted), float("-inf"))
+
+
+def warp(values: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Apply top-p and typical-p to the rows that ask for them (candidates are already top-k limited)."""
+    idx = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    if idx:
+        values[idx] = top_p(values[idx], [params[i] for i in idx])
+    idx = [i for i, p in enumerate(params) if p.typical_p < 1.0]
+    if idx:
+        values[idx] = typical_p(values[idx], [params[i] for i in idx])
+    return values

@@ -1,4 +1,4 @@
-"""Choose each row's next token: greedy or sampled with the row's own seeded generator."""
+"""Choose each row's next token: greedy, or sampled with the row's own seeded generator."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llm_serving.sampling.logits import RowContext, process
+from llm_serving.sampling.logits import RowContext, candidates, penalize, warp
 
 
 @dataclass(frozen=True)
@@ -20,28 +20,38 @@ class Choice:
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:
-    """A CPU generator for a sampled request (seeds are u64; torch takes them as is)."""
+    """A CPU generator for a sampled request."""
     return None if seed is None else torch.Generator().manual_seed(seed)
+
+
+def _top(ids: torch.Tensor, logprobs: torch.Tensor, n: int) -> tuple[tuple[int, float], ...]:
+    return tuple((int(i), float(lp)) for i, lp in zip(ids[:n].tolist(), logprobs[:n].tolist(), strict=True))
 
 
 def choose(
     logits: torch.Tensor, rows: Sequence[RowContext], generators: Sequence[torch.Generator | None]
 ) -> list[Choice]:
     """Process the logits of every row and pick one token per row."""
-    scores = process(logits, rows)
-    logprobs = scores.log_softmax(dim=-1)
-    greedy = scores.argmax(dim=-1).tolist()
-    max_top = max((r.params.top_n_tokens for r in rows), default=0)
-    top_vals, top_ids = logprobs.topk(max_top, dim=-1) if max_top else (None, None)
-    choices: list[Choice] = []
-    for i, row in enumerate(rows):
-        token = int(greedy[i])
-        if row.params.do_sample:
-            probs = logprobs[i].exp()
-            token = int(torch.multinomial(probs, 1, generator=generators[i]).item())
-        top: tuple[tuple[int, float], ...] = ()
-        n = row.params.top_n_tokens
-        if n and top_ids is not None and top_vals is not None:
-            top = tuple(zip(top_ids[i, :n].tolist(), top_vals[i, :n].tolist(), strict=True))
-        choices.append(Choice(token=token, logprob=float(logprobs[i, token]), top=top))
-    return choices
+    scores = penalize(logits, rows)
+    choices: dict[int, Choice] = {}
+    greedy = [i for i, r in enumerate(rows) if not r.params.do_sample]
+    if greedy:
+        logprobs = scores[greedy].log_softmax(dim=-1)
+        max_n = max(rows[i].params.top_n_tokens for i in greedy)
+        top_vals, top_ids = logprobs.topk(max(1, max_n), dim=-1)
+        for j, i in enumerate(greedy):
+            token = int(top_ids[j, 0])
+            top = _top(top_ids[j], top_vals[j], rows[i].params.top_n_tokens)
+            choices[i] = Choice(token=token, logprob=float(top_vals[j, 0]), top=top)
+    sampled = [i for i, r in enumerate(rows) if r.params.do_sample]
+    if sampled:
+        params = [rows[i].params for i in sampled]
+        values, ids = candidates(scores[sampled], params)
+        logprobs = warp(values, params).log_softmax(dim=-1)
+        cumulative = logprobs.exp().cumsum(dim=-1)
+        for j, i in enumerate(sampled):
+            u = torch.rand((), generator=generators[i]) * cumulative[j, -1]
+            pick = min(int(torch.searchsorted(cumulative[j], u, right=True)), cumulative.shape[-1] - 1)
+            top = _top(ids[j], logprobs[j], rows[i].params.top_n_tokens)
+            choices[i] = Choice(token=int(ids[j, pick]), logprob=float(logprobs[j, pick]), top=top)
+    return [choices[i] for i in range(len(rows))]

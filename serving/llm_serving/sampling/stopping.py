@@ -16,7 +16,7 @@ def check_stop(
     params: StoppingParams,
     eos_ids: Collection[int],
 ) -> FinishReason | None:
-    """Why generation stops after `token` (the `generated`-th token, whose text `new_text` ends `text`), if it does."""
+    """Why generation stops after `token`, the `generated`-th, whose `new_text` ends `text` (None: go on)."""
     if generated >= params.max_new_tokens:
         return FinishReason.LENGTH
     if not params.ignore_eos and token in eos_ids:

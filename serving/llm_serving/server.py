@@ -1,0 +1,140 @@
+"""Wiring: load the model, build the engine, serve HTTP on rank 0, follow plans on the other ranks."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+from llm_serving.config import Limits
+from llm_serving.distributed import DistContext, follow_plans, init_distributed, plan_broadcaster
+from llm_serving.engine.async_engine import AsyncEngine
+from llm_serving.engine.engine import Engine
+from llm_serving.engine.runner import ModelRunner
+from llm_serving.engine.scheduler import Scheduler, SchedulerConfig
+from llm_serving.http.app import build_app
+from llm_serving.http.state import AppState, ModelInfo
+from llm_serving.loading import ModelSource, eos_ids, load
+from llm_serving.metrics import Metrics
+from llm_serving.service import GenerationService
+
+log = logging.getLogger("llm_serving")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    source: ModelSource
+    limits: Limits
+    host: str = "0.0.0.0"
+    port: int = 3000
+    api_key: str | None = None
+    dtype: str = "auto"
+    drain_seconds: int = 60
+
+
+def _device(ctx: DistContext) -> str | None:
+    import torch
+
+    return f"cuda:{ctx.local_rank}" if torch.cuda.is_available() else None
+
+
+def build_service(
+    model: Any, tokenizer: Any, limits: Limits, metrics: Metrics, ctx: DistContext
+) -> GenerationService:
+    """Engine thread + service around an already loaded model (rank 0)."""
+    runner = ModelRunner(model, broadcast=plan_broadcaster(ctx))
+    scheduler = Scheduler(
+        SchedulerConfig(
+            max_batch_total_tokens=limits.max_batch_total_tokens,
+            max_batch_prefill_tokens=limits.max_batch_prefill_tokens,
+            max_batch_size=limits.max_batch_size,
+        )
+    )
+    engine = Engine(runner, tokenizer, scheduler, eos_ids(model, tokenizer))
+    metrics.set_budget(limits.max_batch_total_tokens)
+    async_engine = AsyncEngine(
+        engine,
+        limits.max_concurrent_requests,
+        on_step=lambda stats: metrics.on_step(stats, limits.max_batch_total_tokens),
+    )
+    return GenerationService(async_engine, tokenizer, limits, metrics)
+
+
+class _DrainingServer(uvicorn.Server):
+    """Marks the app as draining (health 503, no new work) as soon as a stop signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+        super().__init__(config)
+        self._state = state
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self._state.draining = True
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Like uvicorn's, minus re-raising the signal afterwards: the engine and other ranks stop cleanly."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+
+def serve(options: ServerOptions) -> None:
+    """Run the whole server until SIGTERM/SIGINT; open streams get `drain_seconds` to finish."""
+    ctx = init_distributed()
+    device = _device(ctx)
+    if not ctx.is_driver:
+        # Rank 0 drains open streams on SIGTERM and then sends the stop plan; the followers must outlive it.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        model, _ = load(options.source, options.dtype, ctx.world_size, device)
+        log.info("rank %d/%d: model loaded, tensor parallel %d", ctx.rank, ctx.world_size, model.tp_size or 1)
+        follow_plans(ctx, ModelRunner(model))
+        return
+    metrics = Metrics(options.source.model_id)
+    state = AppState(
+        limits=options.limits,
+        metrics=metrics,
+        model=ModelInfo(model_id=options.source.model_id, model_sha=options.source.revision),
+        api_key=options.api_key,
+    )
+
+    def load_model() -> None:
+        try:
+            model, tokenizer = load(options.source, options.dtype, ctx.world_size, device)
+            state.service = build_service(model, tokenizer, options.limits, metrics, ctx)
+            log.info("rank 0/%d: model loaded, tensor parallel %d", ctx.world_size, model.tp_size or 1)
+            log.info("model %s loaded; ready", options.source.model_id)
+        except Exception as exc:
+            state.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("model failed to load")
+            server.should_exit = True
+
+    config = uvicorn.Config(
+        build_app(state),
+        host=options.host,
+        port=options.port,
+        timeout_graceful_shutdown=options.drain_seconds,
+        log_level="info",
+        access_log=False,
+    )
+    server = _DrainingServer(config, state)
+    loader = threading.Thread(target=load_model, name="loader", daemon=True)
+    loader.start()
+    server.run()
+    loader.join()
+    if state.service is not None and state.service.engine is not None:
+        state.service.engine.stop()
+    if state.load_error is not None:
+        raise SystemExit(f"model failed to load: {state.load_error}")

@@ -1,0 +1,159 @@
+"""Generation service shared by the TGI and OpenAI routes: tokenize, validate, run, collect, measure."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from llm_serving.config import Limits
+from llm_serving.engine.async_engine import AsyncEngine
+from llm_serving.engine.engine import TokenEvent
+from llm_serving.engine.request import FinishReason
+from llm_serving.errors import ServingError, UnhealthyError, ValidationError
+from llm_serving.metrics import Metrics
+from llm_serving.protocol.tgi import GenerateParameters
+from llm_serving.sampling.params import StoppingParams
+from llm_serving.validation import ValidRequest, validate_input, validate_parameters
+
+
+@dataclass
+class Generation:
+    """One finished sequence."""
+
+    tokens: list[TokenEvent] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason = FinishReason.LENGTH
+    seed: int | None = None
+    prompt_logprobs: list[float] | None = None
+    queue_time: float = 0.0
+
+    @property
+    def logprob(self) -> float:
+        return sum(t.token.logprob for t in self.tokens)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The best sequence, the other `best_of` candidates, and timings."""
+
+    request: ValidRequest
+    best: Generation
+    others: tuple[Generation, ...]
+    total_time: float
+
+
+@dataclass(frozen=True)
+class StreamItem:
+    """A streamed token; `final` is set on the last one."""
+
+    event: TokenEvent
+    final: Generation | None
+
+
+class GenerationService:
+    """Everything between a parsed request and the engine."""
+
+    def __init__(self, engine: AsyncEngine | None, tokenizer: Any, limits: Limits, metrics: Metrics) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.metrics = metrics
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def validate(
+        self, inputs: str, params: GenerateParameters, *, stream: bool, add_special_tokens: bool = True
+    ) -> ValidRequest:
+        """Apply TGI's rules; raises `ValidationError` (counted as a failed request, as TGI does)."""
+        try:
+            valid = validate_parameters(params, self.limits, stream=stream)
+            if not inputs:
+                raise ValidationError("`inputs` cannot be empty")
+            ids = self.tokenize(inputs, add_special_tokens=add_special_tokens)
+            return validate_input(inputs, ids, valid, self.limits)
+        except ValidationError:
+            self.metrics.on_rejected("validation")
+            raise
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _engine(self) -> AsyncEngine:
+        if self.engine is None:
+            raise UnhealthyError("Model is not loaded yet")
+        return self.engine
+
+    async def _run(self, valid: ValidRequest, seed: int | None) -> AsyncGenerator[StreamItem, None]:
+        engine = self._engine()
+        sampling = valid.params.sampling
+        if seed != sampling.seed:
+            sampling = replace(sampling, seed=seed)
+        stopping = StoppingParams(max_new_tokens=valid.max_new_tokens, stop=valid.params.stop)
+        generation = Generation(seed=seed if sampling.do_sample else None)
+        start = last = time.monotonic()
+        self.metrics.on_request_start()
+        error: str | None = "dropped"
+        try:
+            tokens = engine.generate(valid.input_ids, sampling, stopping, valid.params.decoder_input_details)
+            async with aclosing(tokens):
+                async for event in tokens:
+                    now = time.monotonic()
+                    self.metrics.on_token_gap(not generation.tokens, now - last)
+                    last = now
+                    generation.tokens.append(event)
+                    if event.queued is not None:
+                        generation.queue_time = event.queued
+                        generation.prompt_logprobs = event.prompt_logprobs
+                    final = None
+                    if event.finish_reason is not None:
+                        generation.finish_reason = event.finish_reason
+                        generation.text = self.decode([t.token.id for t in generation.tokens])
+                        final = generation
+                        error = None
+                    yield StreamItem(event, final)
+        except ServingError as exc:
+            error = exc.error_type
+            raise
+        finally:
+            self.metrics.on_request_end(
+                error_type=error,
+                total=time.monotonic() - start,
+                queue=generation.queue_time,
+                input_tokens=len(valid.input_ids),
+                generated=len(generation.tokens),
+                max_new_tokens=valid.max_new_tokens,
+                finish_reason=generation.finish_reason.value if error is None else None,
+            )
+
+    def stream(self, valid: ValidRequest) -> AsyncGenerator[StreamItem, None]:
+        """Stream one sequence; close the iterator to cancel it."""
+        return self._run(valid, valid.params.sampling.seed)
+
+    async def _collect(self, valid: ValidRequest, seed: int | None) -> Generation:
+        async with aclosing(self._run(valid, seed)) as items:
+            async for item in items:
+                if item.final is not None:
+                    return item.final
+        raise ServingError("generation ended without a final token")
+
+    async def generate(self, valid: ValidRequest) -> GenerationResult:
+        """Run to completion; with `best_of` > 1 run that many seeds and keep the most likely sequence."""
+        start = time.monotonic()
+        if valid.params.best_of == 1:
+            best = await self._collect(valid, valid.params.sampling.seed)
+            return GenerationResult(valid, best, (), time.monotonic() - start)
+        seeds = [random.getrandbits(63) for _ in range(valid.params.best_of)]
+        tasks = [asyncio.ensure_future(self._collect(valid, s)) for s in seeds]
+        try:
+            generations = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        ranked = sorted(generations, key=lambda g: g.logprob, reverse=True)
+        return GenerationResult(valid, ranked[0], tuple(ranked[1:]), time.monotonic() - start)

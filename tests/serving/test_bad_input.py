@@ -1,0 +1,357 @@
+"""Malformed and out-of-range requests: each gets TGI's status and shape, and the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from tests.serving.conftest import Server
+
+V = "Input validation error: "
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    path: str
+    body: Any  # a dict/list is sent as JSON; bytes are sent raw
+    status: int
+    kind: str  # json: TGI ErrorResponse; plain: axum-style text; empty; sse: error event; sse_openai
+    message: str = ""
+    method: str = "POST"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def gen(**parameters: Any) -> dict[str, Any]:
+    return {"inputs": "Hello there", "parameters": parameters}
+
+
+CASES = [
+    Case(
+        "truncated json",
+        "/generate",
+        b'{"inputs": ',
+        400,
+        "plain",
+        "Failed to parse the request body as JSON",
+    ),
+    Case("not json", "/generate", b"hello", 400, "plain", "Failed to parse the request body as JSON"),
+    Case(
+        "NaN literal",
+        "/generate",
+        b'{"inputs":"x","parameters":{"temperature":NaN}}',
+        400,
+        "plain",
+        "Failed to parse the request body as JSON",
+    ),
+    Case("invalid utf-8", "/generate", b'{"inputs":"\xff\xfe"}', 400, "plain", "Failed to parse"),
+    Case("body is a list", "/generate", [1, 2], 422, "plain", "Failed to deserialize the JSON body"),
+    Case("missing inputs", "/generate", {}, 422, "plain", "Failed to deserialize the JSON body"),
+    Case("inputs not a string", "/generate", {"inputs": 5}, 422, "plain", "Failed to deserialize"),
+    Case(
+        "parameters not an object",
+        "/generate",
+        {"inputs": "x", "parameters": "p"},
+        422,
+        "plain",
+        "Failed to deserialize",
+    ),
+    Case(
+        "max_new_tokens as string",
+        "/generate",
+        gen(max_new_tokens="10"),
+        422,
+        "plain",
+        "Failed to deserialize",
+    ),
+    Case(
+        "negative max_new_tokens", "/generate", gen(max_new_tokens=-1), 422, "plain", "Failed to deserialize"
+    ),
+    Case("do_sample not bool", "/generate", gen(do_sample="yes"), 422, "plain", "Failed to deserialize"),
+    Case("stop not a list", "/generate", gen(stop=5), 422, "plain", "Failed to deserialize"),
+    Case("empty inputs", "/generate", {"inputs": ""}, 422, "json", V + "`inputs` cannot be empty"),
+    Case(
+        "temperature 0",
+        "/generate",
+        gen(temperature=0),
+        422,
+        "json",
+        V + "`temperature` must be strictly positive",
+    ),
+    Case(
+        "negative temperature",
+        "/",
+        gen(temperature=-1.0),
+        422,
+        "json",
+        V + "`temperature` must be strictly positive",
+    ),
+    Case(
+        "repetition_penalty 0",
+        "/generate",
+        gen(repetition_penalty=0.0),
+        422,
+        "json",
+        V + "`repetition_penalty` must be strictly positive",
+    ),
+    Case(
+        "frequency_penalty 3",
+        "/generate",
+        gen(frequency_penalty=3.0),
+        422,
+        "json",
+        V + "`frequency_penalty` must be >= -2.0 and <= 2.0",
+    ),
+    Case("top_p 1.0", "/generate", gen(top_p=1.0), 422, "json", V + "`top_p` must be > 0.0 and < 1.0"),
+    Case("top_p 0", "/generate", gen(top_p=0.0), 422, "json", V + "`top_p` must be > 0.0 and < 1.0"),
+    Case(
+        "typical_p 1.5",
+        "/generate",
+        gen(typical_p=1.5),
+        422,
+        "json",
+        V + "`typical_p` must be > 0.0 and < 1.0",
+    ),
+    Case("top_k 0", "/generate", gen(top_k=0), 422, "json", V + "`top_k` must be strictly positive"),
+    Case("top_k negative", "/generate", gen(top_k=-5), 422, "json", V + "`top_k` must be strictly positive"),
+    Case(
+        "max_new_tokens 0",
+        "/generate",
+        gen(max_new_tokens=0),
+        422,
+        "json",
+        V + "`max_new_tokens` must be strictly positive",
+    ),
+    Case(
+        "five stop sequences",
+        "/generate",
+        gen(stop=["a", "b", "c", "d", "e"]),
+        422,
+        "json",
+        V + "`stop` supports up to 4 stop sequences. Given: 5",
+    ),
+    Case(
+        "top_n_tokens 6",
+        "/generate",
+        gen(top_n_tokens=6),
+        422,
+        "json",
+        V + "`top_n_tokens` must be >= 0 and <= 5. Given: 6",
+    ),
+    Case(
+        "truncate 0",
+        "/generate",
+        gen(truncate=0),
+        422,
+        "json",
+        V + "`truncate` must be strictly positive and less than 256. Given: 0",
+    ),
+    Case(
+        "truncate too big",
+        "/generate",
+        gen(truncate=1000),
+        422,
+        "json",
+        V + "`truncate` must be strictly positive and less than 256. Given: 1000",
+    ),
+    Case(
+        "best_of 3",
+        "/generate",
+        gen(best_of=3, do_sample=True),
+        422,
+        "json",
+        V + "`best_of` must be > 0 and <= 2. Given: 3",
+    ),
+    Case(
+        "best_of greedy",
+        "/generate",
+        gen(best_of=2),
+        422,
+        "json",
+        V + "you must use sampling when `best_of` is > 1",
+    ),
+    Case(
+        "best_of with seed",
+        "/generate",
+        gen(best_of=2, do_sample=True, seed=1),
+        422,
+        "json",
+        V + "`seed` must not be set when `best_of` > 1",
+    ),
+    Case(
+        "too many input tokens",
+        "/generate",
+        {"inputs": " ".join(["hello"] * 300)},
+        422,
+        "json",
+        V + "`inputs` must have less than 256 tokens. Given: 300",
+    ),
+    Case(
+        "too many total tokens",
+        "/generate",
+        gen(max_new_tokens=511),
+        422,
+        "json",
+        V
+        + "`inputs` tokens + `max_new_tokens` must be <= 512. "
+        + "Given: 2 `inputs` tokens and 511 `max_new_tokens`",
+    ),
+    Case(
+        "grammar",
+        "/generate",
+        gen(grammar={"type": "regex", "value": "a+"}),
+        422,
+        "json",
+        V + "grammar is not supported",
+    ),
+    Case(
+        "decoder_input_details in a stream",
+        "/generate_stream",
+        gen(decoder_input_details=True),
+        200,
+        "sse",
+        V + "`decoder_input_details` == true is not supported when streaming tokens",
+    ),
+    Case(
+        "best_of in a stream",
+        "/",
+        {**gen(best_of=2, do_sample=True), "stream": True},
+        200,
+        "sse",
+        V + "`best_of` != 1 is not supported when streaming tokens",
+    ),
+    Case(
+        "validation error in a stream",
+        "/generate_stream",
+        gen(top_k=0),
+        200,
+        "sse",
+        V + "`top_k` must be strictly positive",
+    ),
+    Case("unknown route", "/nope", gen(), 404, "empty"),
+    Case("wrong method", "/generate", None, 405, "empty", method="GET"),
+    Case(
+        "huge body",
+        "/generate",
+        {"inputs": "x" * 2_100_000},
+        413,
+        "plain",
+        "Failed to buffer the request body",
+    ),
+    Case(
+        "wrong content type",
+        "/generate",
+        b"<inputs/>",
+        415,
+        "plain",
+        "Expected request with `Content-Type: application/json`",
+        headers={"content-type": "application/xml"},
+    ),
+    Case("no bearer token", "/generate", gen(), 401, "empty", headers={"authorization": ""}),
+    Case(
+        "wrong bearer token",
+        "/v1/completions",
+        {"prompt": "x"},
+        401,
+        "empty",
+        headers={"authorization": "Bearer nope"},
+    ),
+    Case("tokenize without inputs", "/tokenize", {}, 422, "plain", "Failed to deserialize"),
+    Case(
+        "chat without messages",
+        "/v1/chat/completions",
+        {"messages": []},
+        422,
+        "plain",
+        "Failed to deserialize",
+    ),
+    Case(
+        "chat logit_bias map",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 2}},
+        422,
+        "plain",
+        "Failed to deserialize",
+    ),
+    Case(
+        "chat negative temperature",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": -1},
+        422,
+        "json",
+        V + "`temperature` must be strictly positive",
+    ),
+    Case(
+        "chat stream validation error",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "top_p": 2.0, "stream": True},
+        200,
+        "sse_openai",
+        V + "`top_p` must be > 0.0 and < 1.0",
+    ),
+    Case(
+        "completion suffix",
+        "/v1/completions",
+        {"prompt": "x", "suffix": "y"},
+        422,
+        "json",
+        V + "Suffix is not supported and can be achieved by preprocessing the prompt.",
+    ),
+    Case(
+        "completion too many prompts",
+        "/v1/completions",
+        {"prompt": ["a"] * 5},
+        422,
+        "json",
+        V + "Number of prompts must be between 1 and 4. Given: 5",
+    ),
+]
+
+
+def test_table_is_large_enough() -> None:
+    assert len(CASES) >= 30
+    assert len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_request(tiny_server: Server, case: Case) -> None:
+    headers = {k.lower(): v for k, v in {**tiny_server.headers, **case.headers}.items()}
+    headers = {k: v for k, v in headers.items() if v}
+    with tiny_server.client() as client:
+        client.headers.clear()
+        if isinstance(case.body, bytes):
+            response = client.request(case.method, case.path, content=case.body, headers=headers)
+        elif case.body is None:
+            response = client.request(case.method, case.path, headers=headers)
+        else:
+            response = client.request(case.method, case.path, json=case.body, headers=headers)
+    assert response.status_code == case.status, response.text
+    if case.kind == "json":
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.json() == {"error": case.message, "error_type": "validation"}
+    elif case.kind == "plain":
+        assert response.headers["content-type"].startswith("text/plain")
+        assert response.text.startswith(case.message), response.text
+    elif case.kind == "empty":
+        assert response.content == b""
+    else:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
+        if case.kind == "sse":
+            assert [json.loads(e) for e in events] == [{"error": case.message, "error_type": "validation"}]
+        else:
+            assert json.loads(events[0]) == {"error": {"message": case.message, "http_status_code": 422}}
+            assert events[1:] == ["[DONE]"]
+
+
+def test_server_still_serves_after_bad_input(tiny_server: Server) -> None:
+    with tiny_server.client() as client:
+        for case in CASES[:5]:
+            client.post(case.path, content=case.body if isinstance(case.body, bytes) else b"{}")
+        assert client.get("/health").status_code == 200
+        response = client.post("/generate", json=gen(max_new_tokens=3))
+        assert response.status_code == 200
+        assert isinstance(response.json()["generated_text"], str)

@@ -1,0 +1,29 @@
+"""`@huggingface/inference` from npm, under Node's test runner, against the live tiny server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.serving.conftest import Server
+
+JS = Path(__file__).parent / "js"
+
+
+@pytest.mark.skipif(
+    shutil.which("node") is None or shutil.which("npm") is None, reason="needs Node.js and npm"
+)
+def test_huggingface_inference_js(tiny_server: Server) -> None:
+    if not (JS / "node_modules" / "@huggingface" / "inference").is_dir():
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"], cwd=JS, check=True, capture_output=True, timeout=300
+        )
+    env = dict(os.environ, LLM_URL=tiny_server.url, LLM_TOKEN=tiny_server.api_key or "")
+    result = subprocess.run(
+        ["node", "--test", "client.test.mjs"], cwd=JS, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
