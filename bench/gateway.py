@@ -10,11 +10,6 @@ bench/results/gateway.json.
 
 from __future__ import annotations
 
-import sys
-
-if sys.path and sys.path[0].rstrip("/").endswith("bench"):
-    del sys.path[0]  # run as a script, bench/operator.py would shadow the standard library's `operator`
-
 import argparse
 import asyncio
 import json
@@ -22,6 +17,7 @@ import platform
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any

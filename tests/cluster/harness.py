@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import trustme
 import yaml
 from kubernetes import client as k8s
@@ -37,6 +38,9 @@ ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / "tests" / "cluster" / "tools"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 NODE_AGENT = "node-agent"
+# The local node agent sets this variable (to the cluster's workdir) in every pod process, so that stop()
+# can sweep up whatever a pod left behind, even if the agent itself was killed.
+POD_MARKER_ENV = "LLME_LOCAL_NODE_WORKDIR"
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -90,6 +94,15 @@ def die_with_parent() -> None:
     """Runs in the child before exec: SIGKILL it when the harness process dies, however it dies."""
     pr_set_pdeathsig = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def pod_processes(workdir: Path) -> list[psutil.Process]:
+    """Processes the local node agent started for this cluster's pods (they carry its marker variable)."""
+    found = []
+    for process in psutil.process_iter(["environ"]):
+        if (process.info["environ"] or {}).get(POD_MARKER_ENV) == str(workdir):
+            found.append(process)
+    return found
 
 
 def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -202,9 +215,12 @@ class Cluster:
         return self
 
     def stop(self) -> None:
-        """Stops every component, newest first; safe to call twice."""
+        """Stops every component, newest first, then anything a pod left behind; safe to call twice."""
         while self.processes:
             self.processes.pop().stop()
+        for leftover in pod_processes(self.workdir):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                leftover.kill()
 
     def pids(self) -> list[int]:
         """Process ids of the running components."""

@@ -38,12 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 
-from tests.cluster.harness import die_with_parent
+from tests.cluster.harness import POD_MARKER_ENV, die_with_parent
 
 log = logging.getLogger("node-agent")
 AGENT_LABEL = "llm-endpoints.io/local-node-agent"
@@ -53,6 +54,7 @@ AGENT_PLACEMENT = {"nodeSelector": {AGENT_LABEL: "true"}, "tolerations": [AGENT_
 HOST_ENV = "LLM_SERVING_HOST"
 HEARTBEAT_SECONDS = 10
 BACKOFF_MAX_SECONDS = 30
+SHUTDOWN_GRACE_SECONDS = 3
 
 
 def now() -> str:
@@ -67,6 +69,15 @@ def expand(text: str, env: dict[str, str]) -> str:
     )
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def free_loopback_address(port: int) -> str:
     """A 127.x.y.z address whose `port` is free, distinct per pod so every pod may use the same port."""
     for _ in range(100):
@@ -77,7 +88,7 @@ def free_loopback_address(port: int) -> str:
             except OSError:
                 continue
             return address
-    raise RuntimeError("no free loopback address")
+    raise OSError(f"no 127.x.y.z address has port {port} free (is something bound to 0.0.0.0:{port}?)")
 
 
 @dataclass
@@ -137,6 +148,7 @@ class LocalPod:
             "HOME": os.environ.get("HOME", "/root"),
             "HOSTNAME": self.pod.metadata.name,
             HOST_ENV: self.ip,
+            POD_MARKER_ENV: str(self.agent.workdir),
             "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
             "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         }
@@ -200,19 +212,25 @@ class LocalPod:
             return False
 
     def stop(self, grace: float) -> None:
-        """SIGTERM the container's process group, SIGKILL after `grace` seconds."""
+        """SIGTERM the container's command (as a kubelet signals PID 1), SIGKILL what is left after `grace`.
+
+        What is left includes every descendant: torchrun starts its ranks in sessions of their own."""
         self.stopping.set()
         process = self.process
         if process is None or process.poll() is not None:
             return
+        tree = process_tree(process.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            log.warning("pod %s: still running after %.0fs grace; killing it", self.key, grace)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        _, alive = psutil.wait_procs(tree, timeout=grace)
+        if alive:
+            log.warning(
+                "pod %s: %d process(es) still running after %.0fs grace; killing", self.key, len(alive), grace
+            )
+        for member in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        psutil.wait_procs(alive, timeout=5)
         process.wait()
 
     def _report(self) -> None:
@@ -419,7 +437,12 @@ class NodeAgent:
             local = self.pods.get(key)
             if pod.metadata.deletion_timestamp is None and local is None:
                 ports = [p.container_port for p in pod.spec.containers[0].ports or ()]
-                local = LocalPod(self, pod, free_loopback_address(ports[0] if ports else 8080))
+                try:
+                    address = free_loopback_address(ports[0] if ports else 8080)
+                except OSError as error:
+                    log.error("pod %s: no address to run it on: %s", key, error)
+                    return
+                local = LocalPod(self, pod, address)
                 self.pods[key] = local
                 threading.Thread(target=local.run, name=f"pod-{key}", daemon=True).start()
                 return
@@ -456,12 +479,15 @@ class NodeAgent:
                 time.sleep(1)
 
     def shutdown(self) -> None:
-        """Stops every pod's process (the node goes away with the agent)."""
+        """Stops every pod's processes, all at once (the node goes away with the agent)."""
         self.done.set()
         with self.lock:
             pods = list(self.pods.values())
-        for local in pods:
-            local.stop(grace=5)
+        stoppers = [threading.Thread(target=local.stop, args=(SHUTDOWN_GRACE_SECONDS,)) for local in pods]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,14 +13,14 @@ bin=${LLME_BIN_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/llm-endpoints/cluster-bin/$k
 mkdir -p "$bin"
 export CGO_ENABLED=0 GOFLAGS=-trimpath
 
-build() {  # build <tools module dir> <output name> <package> [ldflags]
-  local dir=$1 name=$2 pkg=$3 ldflags=${4:-}
-  [[ -x "$bin/$name" ]] && return
-  echo "cluster-bin: building $name from $pkg (a cold build takes minutes) ..."
+build() {  # build <tools module dir> <output name> <package> [ldflags] [always]
+  local dir=$1 name=$2 pkg=$3 ldflags=${4:-} always=${5:-}
+  [[ -x "$bin/$name" && -z "$always" ]] && return
+  [[ -n "$always" ]] || echo "cluster-bin: building $name from $pkg (a cold build takes minutes) ..."
   local start=$SECONDS
   (cd "$here/$dir" && go build -ldflags "-s -w $ldflags" -o "$bin/$name.tmp" "$pkg")
   mv "$bin/$name.tmp" "$bin/$name"
-  echo "cluster-bin: $name done in $((SECONDS - start))s"
+  [[ -n "$always" ]] || echo "cluster-bin: $name done in $((SECONDS - start))s"
 }
 
 kv=k8s.io/component-base/version
@@ -38,7 +38,8 @@ for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
   hflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$hminor"
 done
 build helm helm helm.sh/helm/v3/cmd/helm "$hflags"
-build kstatus kstatus .
+# Our own small command: rebuilt every time (seconds, from Go's build cache) so edits to it take effect.
+build kstatus kstatus . "" always
 # kwok needs Stage objects that say how simulated nodes and pods move through their lifecycle; it ships
 # them as YAML in its module. They are read from there at build time, never copied into this repository.
 stages=$bin/../kwok-stages

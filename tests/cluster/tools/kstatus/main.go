@@ -23,14 +23,18 @@ func main() {
 	decoder := json.NewDecoder(os.Stdin)
 	encoder := json.NewEncoder(os.Stdout)
 	for {
-		var object map[string]interface{}
-		if err := decoder.Decode(&object); err == io.EOF {
+		var raw json.RawMessage
+		if err := decoder.Decode(&raw); err == io.EOF {
 			return
 		} else if err != nil {
 			fmt.Fprintln(os.Stderr, "kstatus: reading an object:", err)
 			os.Exit(2)
 		}
-		u := &unstructured.Unstructured{Object: object}
+		u := &unstructured.Unstructured{}
+		if err := u.UnmarshalJSON(raw); err != nil { // keeps integers as int64, as the API machinery expects
+			fmt.Fprintln(os.Stderr, "kstatus: decoding an object:", err)
+			os.Exit(2)
+		}
 		computed, err := status.Compute(u)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "kstatus:", u.GetName(), err)

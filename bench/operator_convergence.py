@@ -1,6 +1,6 @@
 """Benchmark: N LLMEndpoints applied at once against the real local control plane converge.
 
-    .venv/bin/python bench/operator.py [--count 1000] [--no-controllers]
+    .venv/bin/python bench/operator_convergence.py [--count 1000] [--no-controllers]
 
 Converged means every endpoint has its Deployment, Service and PodDisruptionBudget and a status for its
 current generation. Prints the time, the operator's peak RSS and the per-endpoint cost; writes

