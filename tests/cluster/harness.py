@@ -34,6 +34,8 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
+from tests.cluster import pod_network
+
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / "tests" / "cluster" / "tools"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
@@ -221,6 +223,7 @@ class Cluster:
         for leftover in pod_processes(self.workdir):
             with contextlib.suppress(psutil.NoSuchProcess):
                 leftover.kill()
+        pod_network.sweep(self.workdir / "netns")
 
     def pids(self) -> list[int]:
         """Process ids of the running components."""
@@ -429,7 +432,7 @@ class Cluster:
             f"--service-account-key-file={pki / 'sa.key'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            "--bind-address=127.0.0.1",
+            "--bind-address=0.0.0.0",  # pods of the local node agent reach it from their own namespaces
             "--advertise-address=127.0.0.1",
             f"--secure-port={self.ports['kube-apiserver']}",
             "--service-cluster-ip-range=10.96.0.0/16",

@@ -4,16 +4,14 @@ There is no container runtime on the machines that run our tests, so this agent 
 Node: it registers the Node with CPU-only "GPU" capacity (`nvidia.com/gpu`), and for each pod the
 scheduler binds to it, it starts the first container's command and arguments as a local process (the
 image is ignored: the command must exist on this machine, e.g. `torchrun` from the project's virtualenv)
-with the container's environment resolved, on a loopback address of its own that it reports as the pod
-IP. Like a kubelet it gives the process its ServiceAccount's identity: a kubeconfig holding a token issued
-for that account (TokenRequest API), named by `KUBECONFIG`, so RBAC applies as in a cluster. It runs the
-readiness probe to set Ready, restarts exited containers with back-off, sends SIGTERM and
-then SIGKILL after the grace period when a pod is deleted, and writes each container's output to
-`<workdir>/pods/<namespace>_<pod>/<container>.log`.
+with the container's environment resolved, in a network namespace of its own (tests/cluster/pod_network.py)
+whose address it reports as the pod IP, so EndpointSlices and the gateway see a real pod address.
 
-A process cannot have its own network namespace here, so each pod gets a distinct 127.x.y.z address and the
-environment variable `LLM_SERVING_HOST` set to it, which the serving process binds to (in a real pod the
-variable is unset and the server binds every interface of the pod's own namespace).
+Like a kubelet it gives the process its ServiceAccount's identity: a kubeconfig holding a token issued for
+that account (TokenRequest API), named by `KUBECONFIG`, so RBAC applies as in a cluster. It runs the
+readiness probe to set Ready, restarts exited containers with back-off, sends SIGTERM and then SIGKILL
+after the grace period when a pod is deleted, and writes each container's output to
+`<workdir>/pods/<namespace>_<pod>/<container>.log`.
 """
 
 from __future__ import annotations
@@ -25,10 +23,8 @@ import datetime as dt
 import json
 import logging
 import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +33,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 from kubernetes import client as k8s
@@ -45,13 +42,13 @@ from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 
 from tests.cluster.harness import POD_MARKER_ENV, die_with_parent
+from tests.cluster.pod_network import PodNetwork, PodNetworkError
 
 log = logging.getLogger("node-agent")
 AGENT_LABEL = "llm-endpoints.io/local-node-agent"
 # The node is tainted so that only pods meant for real local processes land on it; they carry both.
 AGENT_TOLERATION = {"key": AGENT_LABEL, "operator": "Exists", "effect": "NoSchedule"}
 AGENT_PLACEMENT = {"nodeSelector": {AGENT_LABEL: "true"}, "tolerations": [AGENT_TOLERATION]}
-HOST_ENV = "LLM_SERVING_HOST"
 HEARTBEAT_SECONDS = 10
 BACKOFF_MAX_SECONDS = 30
 SHUTDOWN_GRACE_SECONDS = 3
@@ -78,26 +75,13 @@ def process_tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def free_loopback_address(port: int) -> str:
-    """A 127.x.y.z address whose `port` is free, distinct per pod so every pod may use the same port."""
-    for _ in range(100):
-        address = f"127.{random.randint(64, 250)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
-        with socket.socket() as probe:
-            try:
-                probe.bind((address, port))
-            except OSError:
-                continue
-            return address
-    raise OSError(f"no 127.x.y.z address has port {port} free (is something bound to 0.0.0.0:{port}?)")
-
-
 @dataclass
 class LocalPod:
     """One pod's container process, its probe loop and its reported status."""
 
     agent: NodeAgent
     pod: Any
-    ip: str
+    network: PodNetwork
     process: subprocess.Popen[bytes] | None = None
     ready: bool = False
     restarts: int = 0
@@ -105,6 +89,10 @@ class LocalPod:
     waiting_reason: str = ""
     stopping: threading.Event = field(default_factory=threading.Event)
     last_exit: tuple[int, str] | None = None
+
+    @property
+    def ip(self) -> str:
+        return self.network.pod_address
 
     @property
     def key(self) -> str:
@@ -147,13 +135,15 @@ class LocalPod:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
             "HOME": os.environ.get("HOME", "/root"),
             "HOSTNAME": self.pod.metadata.name,
-            HOST_ENV: self.ip,
             POD_MARKER_ENV: str(self.agent.workdir),
             "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
             "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         }
         if self.pod.spec.automount_service_account_token is not False:
-            env["KUBECONFIG"] = str(self.agent.service_account_kubeconfig(self.pod, self.directory))
+            kubeconfig = self.agent.service_account_kubeconfig(
+                self.pod, self.directory, self.network.host_address
+            )
+            env["KUBECONFIG"] = str(kubeconfig)
         for var in self.container.env or ():
             env[var.name] = self.agent.resolve(self.pod, var, env)
         return env
@@ -165,7 +155,7 @@ class LocalPod:
             raise ValueError("the container has no command: the agent cannot run images")
         with (self.directory / f"{self.container.name}.log").open("ab") as out:
             self.process = subprocess.Popen(
-                argv,
+                self.network.command(argv),
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -217,21 +207,21 @@ class LocalPod:
         What is left includes every descendant: torchrun starts its ranks in sessions of their own."""
         self.stopping.set()
         process = self.process
-        if process is None or process.poll() is not None:
-            return
-        tree = process_tree(process.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        _, alive = psutil.wait_procs(tree, timeout=grace)
-        if alive:
-            log.warning(
-                "pod %s: %d process(es) still running after %.0fs grace; killing", self.key, len(alive), grace
-            )
-        for member in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                member.kill()
-        psutil.wait_procs(alive, timeout=5)
-        process.wait()
+        if process is not None and process.poll() is None:
+            tree = process_tree(process.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            _, alive = psutil.wait_procs(tree, timeout=grace)
+            if alive:
+                log.warning(
+                    "pod %s: %d process(es) left after %.0fs grace; killing", self.key, len(alive), grace
+                )
+            for member in alive:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.kill()
+            psutil.wait_procs(alive, timeout=5)
+            process.wait()
+        self.network.delete()
 
     def _report(self) -> None:
         self.agent.report(self)
@@ -368,8 +358,11 @@ class NodeAgent:
             except ApiException as error:
                 log.warning("heartbeat failed: %s", error.reason)
 
-    def service_account_kubeconfig(self, pod: Any, directory: Path) -> Path:
-        """A kubeconfig that authenticates as the pod's ServiceAccount, with a token the API server issues."""
+    def service_account_kubeconfig(self, pod: Any, directory: Path, host_address: str) -> Path:
+        """A kubeconfig that authenticates as the pod's ServiceAccount, with a token the API server issues.
+
+        The pod reaches the API server through its link to the host; the server's certificate names
+        localhost, so the client checks it under that name."""
         account = pod.spec.service_account_name or "default"
         request = {"spec": {"audiences": [], "expirationSeconds": 86400}}
         token = self.core.create_namespaced_service_account_token(account, pod.metadata.namespace, request)
@@ -380,7 +373,11 @@ class NodeAgent:
             "clusters": [
                 {
                     "name": "local",
-                    "cluster": {"server": admin.host, "certificate-authority": admin.ssl_ca_cert},
+                    "cluster": {
+                        "server": f"https://{host_address}:{urlsplit(admin.host).port}",
+                        "certificate-authority": admin.ssl_ca_cert,
+                        "tls-server-name": "localhost",
+                    },
                 }
             ],
             "users": [{"name": account, "user": {"token": token.status.token}}],
@@ -412,7 +409,7 @@ class NodeAgent:
                 "metadata.uid": pod.metadata.uid,
                 "spec.nodeName": self.node,
                 "spec.serviceAccountName": pod.spec.service_account_name or "default",
-                "status.podIP": env[HOST_ENV],
+                "status.podIP": pod.status.pod_ip or "",
                 "status.hostIP": "127.0.0.1",
             }
             return str(fields.get(source.field_ref.field_path, ""))
@@ -436,13 +433,12 @@ class NodeAgent:
         with self.lock:
             local = self.pods.get(key)
             if pod.metadata.deletion_timestamp is None and local is None:
-                ports = [p.container_port for p in pod.spec.containers[0].ports or ()]
                 try:
-                    address = free_loopback_address(ports[0] if ports else 8080)
-                except OSError as error:
-                    log.error("pod %s: no address to run it on: %s", key, error)
+                    network = PodNetwork.create(pod.metadata.uid, self.workdir / "netns")
+                except PodNetworkError as error:
+                    log.error("pod %s: no network for it: %s", key, error)
                     return
-                local = LocalPod(self, pod, address)
+                local = LocalPod(self, pod, network)
                 self.pods[key] = local
                 threading.Thread(target=local.run, name=f"pod-{key}", daemon=True).start()
                 return

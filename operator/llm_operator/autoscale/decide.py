@@ -35,7 +35,8 @@ class Window:
     last_request: float | None
     """Unix time of the latest request any gateway (or the endpoint's status) has seen."""
     idle_since: float
-    """Where idleness starts counting when no request was seen: creation, or the autoscaler's start."""
+    """Where idleness starts counting when no request was seen: when the replicas became available (or
+    now, while they load), creation, or the autoscaler's start, whichever is latest."""
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,23 @@ class Autoscaler:
         while samples and samples[0].at < now - self.settings.tuning.history:
             samples.popleft()
 
+    def _idle_since(self, deployment: Manifest, current: int, now: float) -> float:
+        """Where idleness starts counting: not before the replicas became available (a replica still
+        loading its model has had no chance to serve), nor before creation or this autoscaler's start."""
+        status = deployment.get("status") or {}
+        if current > 0 and not status.get("readyReplicas"):
+            return now
+        available: Manifest = next(
+            (
+                c
+                for c in status.get("conditions") or ()
+                if c.get("type") == "Available" and c.get("status") == "True"
+            ),
+            {},
+        )
+        moments = (deployment["metadata"].get("creationTimestamp"), available.get("lastTransitionTime"))
+        return max([self.started, *(t for t in map(_unix, moments) if t is not None)])
+
     async def _act(
         self, endpoint: LLMEndpoint, deployment: Manifest, reading: Reading, now: float
     ) -> Decision:
@@ -231,9 +248,8 @@ class Autoscaler:
             endpoint.status.last_request_time.timestamp() if endpoint.status.last_request_time else None
         )
         last = max((t for t in (reading.last_request, status_last) if t is not None), default=None)
-        created = _unix(deployment["metadata"].get("creationTimestamp")) or self.started
-        window = Window(tuple(self.history.get(key, ())), last, max(created, self.started))
         current = int(deployment.get("spec", {}).get("replicas", 1))
+        window = Window(tuple(self.history.get(key, ())), last, self._idle_since(deployment, current, now))
         decision = desired_replicas(
             window, Policy.from_spec(endpoint.spec.scaling), current, now, self.settings.tuning
         )
