@@ -110,7 +110,8 @@ def model_args(endpoint: LLMEndpoint) -> list[str]:
 
 def server_args(endpoint: LLMEndpoint, settings: Settings) -> list[str]:
     """All flags of `python -m llm_serving`."""
-    args = [*model_args(endpoint), "--port", str(settings.port)]
+    drain = max(1, settings.termination_grace_seconds - PRESTOP_SLEEP_SECONDS - 5)
+    args = [*model_args(endpoint), "--port", str(settings.port), "--drain-seconds", str(drain)]
     limits = endpoint.spec.generation
     for flag, value in (
         ("--max-input-tokens", limits.max_input_tokens),
@@ -196,14 +197,22 @@ def _scheduling(endpoint: LLMEndpoint) -> dict[str, Any]:
     return out
 
 
+def serving_command(ranks: int) -> list[str]:
+    """One rank runs the server itself, so SIGTERM reaches it and it drains for the whole grace period;
+    several ranks start under torchrun, which stops its ranks at most 30 s after it is signalled."""
+    if ranks == 1:
+        return ["python", "-m", "llm_serving"]
+    return ["torchrun", "--standalone", "--nproc-per-node", str(ranks), "-m", "llm_serving"]
+
+
 def deployment(endpoint: LLMEndpoint, settings: Settings) -> Manifest:
-    """The serving Deployment: torchrun starts one rank per tensor-parallel shard; `replicas` is left out."""
+    """The serving Deployment, one rank per tensor-parallel shard; `replicas` is left out."""
     spec = endpoint.spec
     volumes, mounts = _volumes(endpoint)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image or settings.image,
-        "command": ["torchrun", "--standalone", "--nproc-per-node", str(spec.ranks), "-m", "llm_serving"],
+        "command": serving_command(spec.ranks),
         "args": server_args(endpoint, settings),
         "ports": [{"name": "http", "containerPort": settings.port, "protocol": "TCP"}],
         "env": _env(endpoint),

@@ -41,7 +41,7 @@ from kubernetes import config as k8s_config
 from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 
-from tests.cluster.harness import POD_MARKER_ENV, die_with_parent
+from tests.cluster.harness import POD_MARKER_ENV
 from tests.cluster.pod_network import PodNetwork, PodNetworkError
 
 log = logging.getLogger("node-agent")
@@ -160,8 +160,7 @@ class LocalPod:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
+                start_new_session=True,  # no PDEATHSIG: it fires when the spawning thread ends, not the agent
             )
         self.started_at, self.ready, self.waiting_reason = now(), False, ""
         log.info("pod %s: started %s as pid %d on %s", self.key, argv[0], self.process.pid, self.ip)
@@ -449,6 +448,7 @@ class NodeAgent:
 
     def _terminate(self, key: str, pod: Any, local: LocalPod | None) -> None:
         """Graceful stop, then the final delete that a kubelet issues once the containers are gone."""
+        log.info("pod %s: deleted; stopping its containers", key)
         if local is not None:
             grace = pod.metadata.deletion_grace_period_seconds
             local.stop(30 if grace is None else grace)

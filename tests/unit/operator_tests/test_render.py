@@ -131,7 +131,7 @@ def test_cpu_endpoint_has_no_gpu_anything() -> None:
     assert "affinity" not in pod
     assert "tolerations" not in pod
     assert "nvidia.com/gpu" not in str(pod["containers"][0].get("resources"))
-    assert flag(pod["containers"][0]["command"], "--nproc-per-node") == "1"
+    assert pod["containers"][0]["command"] == ["python", "-m", "llm_serving"]  # one rank: no torchrun
 
 
 def test_generation_limits_become_flags() -> None:
@@ -288,3 +288,8 @@ def test_render_is_pure() -> None:
 )
 def test_replica_correction(current: int | None, scaling: dict[str, int], expected: int | None) -> None:
     assert replica_correction(current, endpoint({"scaling": scaling})) == expected
+
+
+def test_the_server_drains_for_the_grace_period_less_the_pre_stop_pause() -> None:
+    args = container({})["args"]
+    assert flag(args, "--drain-seconds") == "290"  # 300 s grace, 5 s preStop, 5 s to exit
