@@ -14,10 +14,10 @@ export PYTHONPATH := $(CURDIR)
 HELM = $(shell $(PY) -c "from tests.cluster.harness import default_bin_dir; print(default_bin_dir() / 'helm')")
 CRD_OUTPUTS := crds/llmendpoints.yaml charts/llm-endpoints/crds/llmendpoints.yaml
 
-.PHONY: help run test lint typecheck generated unit cluster-tests serving-tests crds manifests install-yaml cluster-bin bench venv clean
+.PHONY: help run test lint typecheck generated unit cluster-tests serving-tests e2e-tests crds manifests install-yaml cluster-bin system-packages bench venv clean
 
 help:  ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 run: venv cluster-bin  ## Start the local control plane and the operator (Ctrl-C stops everything)
 	$(PY) -m tests.cluster.local
@@ -25,8 +25,9 @@ run: venv cluster-bin  ## Start the local control plane and the operator (Ctrl-C
 test: venv cluster-bin lint typecheck generated  ## Lint, type-check, check generated files, then every test suite
 	$(PY) -m pytest tests
 
-lint: venv  ## ruff
+lint: venv  ## ruff (lint and format)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 typecheck: venv  ## mypy --strict on our packages and tests
 	$(VENV)/bin/mypy
@@ -54,14 +55,20 @@ unit: venv  ## Pure-function tests only (seconds)
 	$(PY) -m pytest tests/unit
 
 cluster-tests: venv cluster-bin  ## Tests against the real local control plane
-	$(PY) -m pytest tests/cluster
+	$(PY) -m pytest tests/cluster tests/gateway
 
 serving-tests: venv  ## The serving server with real models and real clients
 	$(PY) -m pytest tests/serving
 
-cluster-bin:  ## Build kube-apiserver, controller-manager, scheduler, kubectl, etcd, kwok, helm (once)
+e2e-tests: venv cluster-bin  ## The whole stack: manifest -> operator -> node agent -> serving -> gateway -> client
+	$(PY) -m pytest tests/e2e
+
+cluster-bin: system-packages  ## Build kube-apiserver, controller-manager, scheduler, kubectl, etcd, kwok, helm (once)
 	@command -v go >/dev/null || { echo "make: Go is needed to build the control plane (go.dev/doc/install)"; exit 1; }
 	@bash tests/cluster/tools/build.sh
+
+system-packages:  ## Debian packages the local node agent needs (iproute2 for pod network namespaces)
+	@command -v ip >/dev/null || { apt-get update -qq && apt-get install -y -qq iproute2; }
 
 venv: $(VENV)/.synced  ## Create .venv from uv.lock
 
@@ -69,6 +76,11 @@ $(VENV)/.synced: uv.lock pyproject.toml operator/pyproject.toml serving/pyprojec
 	@test -x $(UV) || { $(PYTHON) -m venv .cache/bootstrap && .cache/bootstrap/bin/pip install -q uv==$(UV_VERSION); }
 	$(UV) sync --frozen
 	@touch $@
+
+bench: venv cluster-bin  ## Side-by-side benchmarks (serving, gateway, operator); results in bench/results/
+	$(PY) bench/serving.py
+	$(PY) bench/gateway.py
+	$(PY) bench/operator_convergence.py
 
 clean:  ## Remove the virtualenv and local caches in the clone (Go and uv caches stay)
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache

@@ -38,9 +38,9 @@ def _free_port() -> int:
 def serve(role: str, port: int, upstream: str) -> None:
     """Child process: run the upstream or the gateway (routing table fed with the upstream)."""
     import uvicorn
+
     from llm_operator.gateway.app import Gateway, GatewaySettings
     from llm_operator.gateway.routing import Route, RoutingTable
-
     from tests.gateway.support import StandInUpstream
 
     async def never(_: Any) -> None:

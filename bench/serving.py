@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 import torch
+
 from llm_serving.loading import load, resolve
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,14 +6,14 @@ import json
 import re
 from collections.abc import Iterable
 
-import llm_operator.controller
-import llm_operator.metrics
 import pytest
 import yaml
-from llm_operator.gateway.metrics import GatewayMetrics
-from llm_serving.metrics import Metrics as ServingMetrics
 from prometheus_client import REGISTRY, CollectorRegistry
 
+import llm_operator.controller
+import llm_operator.metrics
+from llm_operator.gateway.metrics import GatewayMetrics
+from llm_serving.metrics import Metrics as ServingMetrics
 from tests.cluster.harness import Cluster
 from tests.cluster.test_chart import CHART, helm
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from llm_operator.kube import Credentials, Kube
 from llm_operator.reconcile import Outcome, reconcile
 from llm_operator.settings import Settings
-
 from tests.cluster.harness import Cluster
 from tests.cluster.operator_support import (
     OperatorProcess,

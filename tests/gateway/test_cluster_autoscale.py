@@ -10,11 +10,11 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+
 from llm_operator.autoscale.decide import Tuning
 from llm_operator.autoscale.loop import Autoscaler, AutoscalerSettings, Key, Reading
 from llm_operator.kube import Credentials, Kube
 from llm_operator.settings import ENDPOINT_LABEL, MANAGED_BY
-
 from tests.cluster.harness import Cluster
 from tests.cluster.operator_support import endpoint, get, install_crd, new_namespace
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import yaml
+
 from llm_operator.gateway.routing import RoutingTable
 from llm_operator.gateway.watch import ClusterWatcher, ScaleWaker
 from llm_operator.kube import Credentials, Kube
 from llm_operator.settings import AUTOSCALER_FIELD_MANAGER, ENDPOINT_LABEL
-
 from tests.cluster.harness import Cluster
 from tests.cluster.operator_support import endpoint, get, install_crd, new_namespace
 from tests.gateway.support import until

@@ -9,11 +9,11 @@ from dataclasses import dataclass, replace
 
 import httpx
 import pytest
+
 from llm_operator.gateway.app import Gateway, GatewaySettings
 from llm_operator.gateway.auth import AccessPolicy
 from llm_operator.gateway.hold import HoldLimits
 from llm_operator.gateway.routing import Key, Route, RoutingTable
-
 from tests.gateway.support import StandInUpstream, serve, until
 
 KEY = ("ml", "falcon")

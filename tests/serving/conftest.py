@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+
 from llm_serving.config import Limits
 from llm_serving.distributed import DistContext
 from llm_serving.http.app import build_app
@@ -23,7 +24,6 @@ from llm_serving.http.state import AppState, ModelInfo
 from llm_serving.loading import load, resolve
 from llm_serving.metrics import Metrics
 from llm_serving.server import build_service
-
 from tests.serving import models
 
 API_KEY = "test-key-123"

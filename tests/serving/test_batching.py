@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from llm_serving.config import Limits
 
+from llm_serving.config import Limits
 from tests.serving.conftest import Server, thread_server
 
 PROMPTS = [

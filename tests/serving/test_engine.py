@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from llm_serving.detokenize import IncrementalDetokenizer
 from llm_serving.engine.engine import Engine, TokenEvent
 from llm_serving.engine.request import FinishReason, Request

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from llm_serving.config import Limits
 
+from llm_serving.config import Limits
 from tests.serving.conftest import thread_server
 
 

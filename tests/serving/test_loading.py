@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from llm_serving.loading import load, resolve
 
+from llm_serving.loading import load, resolve
 from tests.serving.conftest import Server, subprocess_server
 from tests.serving.models import GGUF_NAME, smollm2_package_dir
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from prometheus_client import generate_latest
+
 from llm_operator.autoscale.loop import Reading, merge, parse_gateway_metrics
 from llm_operator.gateway.metrics import GatewayMetrics
-from prometheus_client import generate_latest
 
 
 def _exposed(in_flight: int, last: float) -> str:

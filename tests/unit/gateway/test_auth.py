@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from llm_operator.gateway import auth
 from llm_operator.gateway.routing import Route
 

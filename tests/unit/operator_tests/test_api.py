@@ -6,8 +6,8 @@ from datetime import timedelta
 
 import pydantic
 import pytest
-from llm_operator.api.v1alpha1 import LLMEndpointSpec, parse_duration
 
+from llm_operator.api.v1alpha1 import LLMEndpointSpec, parse_duration
 from tests.unit.operator_tests.factories import endpoint
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from llm_operator.api import crd as gen
 from llm_operator.api.crd import DEFAULT_OUTPUT, SchemaError, crd, render_yaml, structural
 

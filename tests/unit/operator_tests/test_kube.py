@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from llm_operator.kube import Credentials, resource_path
 
 

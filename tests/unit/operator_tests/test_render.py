@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from llm_operator.render import render, replica_correction
 from llm_operator.settings import AUTOSCALER_FIELD_MANAGER, ENDPOINT_LABEL, Settings
-
 from tests.unit.operator_tests.factories import endpoint
 
 SETTINGS = Settings(image="serving:test", gateway_url="http://gw.example", system_namespace="llm-system")

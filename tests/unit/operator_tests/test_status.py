@@ -8,7 +8,6 @@ from typing import Any
 
 from llm_operator.api.v1alpha1 import LLMEndpoint, LLMEndpointStatus
 from llm_operator.status import announcement, compute_status
-
 from tests.unit.operator_tests.factories import deployment, endpoint, pod
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)

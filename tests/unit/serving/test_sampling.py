@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from llm_serving.engine.request import FinishReason
 from llm_serving.sampling.logits import RowContext, candidates, penalize, top_p, typical_p
 from llm_serving.sampling.params import SamplingParams, StoppingParams

@@ -6,6 +6,7 @@ import random
 from typing import Any
 
 import pytest
+
 from llm_serving.config import Limits
 from llm_serving.errors import ValidationError
 from llm_serving.protocol.tgi import GenerateParameters, GenerateRequest
