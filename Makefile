@@ -8,7 +8,6 @@ UV_VERSION := 0.13.8
 UV := .cache/bootstrap/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
-export HF_HUB_OFFLINE := 1
 export PYTHONPATH := $(CURDIR)
 
 HELM = $(shell $(PY) -c "from tests.cluster.harness import default_bin_dir; print(default_bin_dir() / 'helm')")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,11 @@ def kstatus(cluster: Cluster, obj: dict[str, Any]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def namespace(cluster: Cluster) -> str:
+def namespace(cluster: Cluster) -> Iterator[str]:
     install_crd(cluster)
-    return new_namespace(cluster, "gitops")
+    name = new_namespace(cluster, "gitops")
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false")  # stops the local node's serving processes
 
 
 def recorded(cluster: Cluster, namespace: str, name: str, phase: str, timeout: float = 240) -> dict[str, Any]:

@@ -128,3 +128,4 @@ def stack(cluster: Cluster, local_node: str, tmp_path_factory: pytest.TempPathFa
     finally:
         operator.stop()
         gateway.stop()
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false")

@@ -16,7 +16,7 @@ from llm_operator.autoscale.loop import Autoscaler, AutoscalerSettings, Key, Rea
 from llm_operator.kube import Credentials, Kube
 from llm_operator.settings import ENDPOINT_LABEL, MANAGED_BY
 from tests.cluster.harness import Cluster
-from tests.cluster.operator_support import endpoint, get, install_crd, new_namespace
+from tests.cluster.operator_support import endpoint, get, install_crd, new_namespace, wait_for
 
 pytestmark = pytest.mark.cluster
 NAME = "busy"
@@ -76,8 +76,14 @@ async def test_tick_scales_up_then_to_zero_and_records_the_last_request(cluster:
         assert stored["spec"] == before["spec"]
         assert stored["metadata"]["generation"] == before["metadata"]["generation"]
 
+        # idleness counts only once replicas are available (kwok makes them so): a loading one is kept
+        def ready() -> int | None:
+            status = get(cluster, "deployment", NAME, "-n", namespace).get("status") or {}
+            return status.get("readyReplicas")
+
+        await asyncio.to_thread(wait_for, ready, 60, "a ready replica")
         source.readings = {key: Reading(in_flight=0.0, last_request=now)}
-        later = now + 20
+        later = time.time() + 20
         assert (await scaler.tick(session, later))[key].replicas == 0
         deployment = await asyncio.to_thread(get, cluster, "deployment", NAME, "-n", namespace)
         assert deployment["spec"]["replicas"] == 0
