@@ -498,9 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    agent = NodeAgent(
-        k8s_config.new_client_from_config(config_file=args.kubeconfig), args.node, args.gpus, args.workdir
-    )
+    api = k8s_config.new_client_from_config(config_file=args.kubeconfig)
+    agent = NodeAgent(api, args.node, args.gpus, args.workdir, args.taint)
     agent.register()
 
     def stop(signum: int, frame: object) -> None:
