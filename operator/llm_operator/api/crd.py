@@ -175,17 +175,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="file to write or check")
     parser.add_argument("--check", action="store_true", help="fail when the file differs from the models")
     args = parser.parse_args(argv)
-    text = render_yaml()
-    if args.check:
-        current = args.output.read_text() if args.output.exists() else ""
+    return write_or_check(args.output, render_yaml(), check=args.check)
+
+
+def write_or_check(output: Path, text: str, *, check: bool) -> int:
+    """Writes a generated file, or with `check` exits 1 when the checked-in one differs (run `make crds`)."""
+    if check:
+        current = output.read_text() if output.exists() else ""
         if current != text:
-            print(f"{args.output} is stale: run `python -m llm_operator.api.crd`", file=sys.stderr)
+            print(f"{output} is stale: run `make crds`", file=sys.stderr)
             return 1
-        print(f"{args.output} is up to date")
+        print(f"{output} is up to date")
         return 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(f"wrote {args.output}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    print(f"wrote {output}")
     return 0
 
 

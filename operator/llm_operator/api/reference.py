@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_operator.api.crd import crd as build_crd
+from llm_operator.api.crd import write_or_check
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[3] / "docs" / "api.md"
 Schema = dict[str, Any]
@@ -139,17 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="file to write or check")
     parser.add_argument("--check", action="store_true", help="fail when the file differs from the CRD")
     args = parser.parse_args(argv)
-    text = render_markdown()
-    if args.check:
-        if not args.output.exists() or args.output.read_text() != text:
-            print(f"{args.output} is stale: run `make docs`", file=sys.stderr)
-            return 1
-        print(f"{args.output} is up to date")
-        return 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(f"wrote {args.output}")
-    return 0
+    return write_or_check(args.output, render_markdown(), check=args.check)
 
 
 if __name__ == "__main__":
