@@ -66,8 +66,16 @@ cluster-bin: system-packages  ## Build kube-apiserver, controller-manager, sched
 	@command -v go >/dev/null || { echo "make: Go is needed to build the control plane (go.dev/doc/install)"; exit 1; }
 	@bash tests/cluster/tools/build.sh
 
-system-packages:  ## Debian packages the local node agent needs (iproute2 for pod network namespaces)
-	@command -v ip >/dev/null || { apt-get update -qq && apt-get install -y -qq iproute2; }
+# Debian packages: iproute2 (pod network namespaces of the local node agent), prometheus (the autoscaler's
+# Prometheus source is tested against a real server), nginx (the gateway benchmark's reference proxy).
+SYSTEM_COMMANDS := ip:iproute2 prometheus:prometheus nginx:nginx-light
+
+system-packages:  ## Install the Debian packages the tests and benchmarks run (iproute2, prometheus, nginx)
+	@missing=$$(for pair in $(SYSTEM_COMMANDS); do command -v $${pair%%:*} >/dev/null || echo $${pair#*:}; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 venv: $(VENV)/.synced  ## Create .venv from uv.lock
 
