@@ -89,6 +89,8 @@ class LocalPod:
     waiting_reason: str = ""
     stopping: threading.Event = field(default_factory=threading.Event)
     last_exit: tuple[int, str] | None = None
+    transitions: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Condition type -> (status, lastTransitionTime): the time moves only when the status does."""
 
     @property
     def ip(self) -> str:
@@ -251,24 +253,36 @@ class LocalPod:
                     "finishedAt": finished,
                 }
             }
-        transition = now()
         return {
             "phase": "Running" if running or self.restarts else "Pending",
             "hostIP": "127.0.0.1",
             "podIP": self.ip,
             "podIPs": [{"ip": self.ip}],
-            "startTime": self.started_at or transition,
+            "startTime": self.started_at or now(),
             "conditions": [
-                {"type": kind, "status": value, "lastTransitionTime": transition}
-                for kind, value in (
-                    ("PodScheduled", "True"),
-                    ("Initialized", "True"),
-                    ("ContainersReady", ready),
-                    ("Ready", ready),
-                )
+                self._scheduled(),
+                *(
+                    self._condition(kind, value)
+                    for kind, value in (("Initialized", "True"), ("ContainersReady", ready), ("Ready", ready))
+                ),
             ],
             "containerStatuses": [container_status],
         }
+
+    def _condition(self, kind: str, status: str) -> dict[str, str]:
+        """A condition whose lastTransitionTime is when its status last changed, as a kubelet keeps it."""
+        known = self.transitions.get(kind)
+        if known is None or known[0] != status:
+            known = self.transitions[kind] = (status, now())
+        return {"type": kind, "status": status, "lastTransitionTime": known[1]}
+
+    def _scheduled(self) -> dict[str, str]:
+        """PodScheduled as the API server wrote it at binding (the kubelet leaves it alone)."""
+        for condition in (self.pod.status and self.pod.status.conditions) or ():
+            if condition.type == "PodScheduled" and condition.last_transition_time is not None:
+                stamp = condition.last_transition_time.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                return {"type": "PodScheduled", "status": condition.status, "lastTransitionTime": stamp}
+        return self._condition("PodScheduled", "True")
 
 
 @dataclass

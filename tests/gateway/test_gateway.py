@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
 
 from llm_operator.gateway.app import Gateway, GatewaySettings
 from llm_operator.gateway.auth import AccessPolicy
+from llm_operator.gateway.coldstart import PHASES
 from llm_operator.gateway.hold import HoldLimits
 from llm_operator.gateway.routing import Key, Route, RoutingTable
 from tests.gateway.support import StandInUpstream, serve, until
 
 KEY = ("ml", "falcon")
+POD = "falcon-7d9f-x2"
 TIMEOUT = httpx.Timeout(10.0)
 
 
@@ -36,7 +41,23 @@ class Waker:
         await self.release.wait()
         route = self.gateway.table.get(key)
         assert route is not None
-        self.gateway.set_table(self.gateway.table.with_route(replace(route, addresses=(self.address,))))
+        woken = replace(route, addresses=(self.address,), pods={self.address: POD})
+        self.gateway.set_table(self.gateway.table.with_route(woken))
+
+
+async def recorded_pod(namespace: str, name: str) -> dict[str, Any]:
+    """Stands in for the API server's answer about the woken pod: every step stamped one second ago."""
+    stamp = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "metadata": {"namespace": namespace, "name": name},
+        "status": {
+            "conditions": [
+                {"type": kind, "status": "True", "lastTransitionTime": stamp}
+                for kind in ("PodScheduled", "Ready")
+            ],
+            "containerStatuses": [{"name": "server", "state": {"running": {"startedAt": stamp}}}],
+        },
+    }
 
 
 @dataclass
@@ -65,7 +86,7 @@ def _settings() -> GatewaySettings:
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
     waker = Waker()
-    gateway = Gateway(_settings(), waker)
+    gateway = Gateway(_settings(), waker, pods=recorded_pod)
     waker.gateway = gateway
     upstream = StandInUpstream()
     async with (
@@ -166,10 +187,14 @@ async def test_held_requests_share_one_wake_and_are_answered(rig: Rig) -> None:
     answers = await asyncio.gather(*requests)
     assert [a.status_code for a in answers] == [200, 200]
     assert rig.waker.calls == [KEY]
+    registry = rig.gateway.metrics.registry
+    await until(lambda: b'phase="first_byte"' in generate_latest(registry), "cold-start breakdown recorded")
     metrics = (await rig.client.get("/metrics")).text
-    assert (
-        'llm_gateway_cold_start_seconds_count{endpoint="falcon",namespace="ml",phase="ready"} 2.0' in metrics
-    )
+    for phase in PHASES:  # one wake, so one observation of each phase, the pod's own included
+        count = (
+            f'llm_gateway_cold_start_seconds_count{{endpoint="falcon",namespace="ml",phase="{phase}"}} 1.0'
+        )
+        assert count in metrics
     assert 'llm_gateway_requests_total{code="200",endpoint="falcon",namespace="ml"} 2.0' in metrics
     assert "llm_gateway_last_request_timestamp_seconds" in metrics
 

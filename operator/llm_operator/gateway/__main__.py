@@ -14,7 +14,7 @@ from llm_operator import logs
 from llm_operator.gateway.app import Gateway, GatewaySettings
 from llm_operator.gateway.auth import DEFAULT_INTERNAL_CIDRS, AccessPolicy
 from llm_operator.gateway.hold import HoldLimits
-from llm_operator.gateway.watch import ClusterWatcher, ScaleWaker
+from llm_operator.gateway.watch import ClusterWatcher, PodReader, ScaleWaker
 from llm_operator.kube import Credentials, Kube
 
 log = logging.getLogger("llm_operator.gateway")
@@ -82,7 +82,7 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
 async def run(args: argparse.Namespace) -> None:
     credentials = Credentials.load(args.kubeconfig, args.context)
     async with Kube(credentials) as kube:
-        gateway = Gateway(settings_from(args), ScaleWaker(kube))
+        gateway = Gateway(settings_from(args), ScaleWaker(kube), pods=PodReader(kube))
         watcher = ClusterWatcher(
             credentials,
             kube,

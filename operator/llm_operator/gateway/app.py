@@ -13,7 +13,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
 from llm_operator.gateway import auth
+from llm_operator.gateway.coldstart import ColdStart
 from llm_operator.gateway.hold import (
     TIMEOUT_HEADER,
     HoldLimits,
@@ -35,6 +36,8 @@ from llm_operator.gateway.metrics import GatewayMetrics
 from llm_operator.gateway.routing import Key, Route, RoutingTable, Target, pick, resolve, wants_stream
 
 log = logging.getLogger("llm_operator.gateway")
+PodReader = Callable[[str, str], Awaitable[Mapping[str, Any] | None]]
+"""Reads a pod by (namespace, name); None when it cannot be read."""
 
 HOP_BY_HOP = frozenset(
     {
@@ -104,19 +107,24 @@ async def _respond(
 
 
 class Gateway:
-    """The ASGI callable. `wake(key)` asks for a replica of an endpoint (see `watch.ScaleWaker`)."""
+    """The ASGI callable. `wake(key)` asks for a replica of an endpoint (see `watch.ScaleWaker`); `pods`
+    reads the woken pod for the cold-start breakdown (without it, only the gateway's own phases are kept)."""
 
     def __init__(
         self,
         settings: GatewaySettings,
         wake: Callable[[Key], Awaitable[None]],
         metrics: GatewayMetrics | None = None,
+        pods: PodReader | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or GatewayMetrics()
         self.table = RoutingTable()
         self.holds = Holds(settings.hold, self._timed_wake)
-        self._wake = wake
+        self._wake, self._pods = wake, pods
+        self._cold_starts: dict[Key, ColdStart] = {}
+        """The wake under way per endpoint, from its first held request to its first answer byte."""
+        self._reports: set[asyncio.Task[None]] = set()
         self._turn = itertools.count()
         self._in_flight: dict[str, int] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -133,10 +141,33 @@ class Gateway:
         self.table = table
 
     async def _timed_wake(self, key: Key) -> None:
-        started = time.monotonic()
         await self._wake(key)
-        self.metrics.cold_start_phase(key, "trigger", time.monotonic() - started)
+        if (cold := self._cold_starts.get(key)) is not None:
+            cold.mark("trigger", time.monotonic())
         log.info("wake sent", extra={"namespace": key[0], "endpoint": key[1]})
+
+    def _first_byte(self, key: Key, cold: ColdStart, pod: str) -> None:
+        """The first answer byte after a wake closes its breakdown (once, whichever held request is first)."""
+        if self._cold_starts.get(key) is not cold:
+            return
+        del self._cold_starts[key]
+        cold.mark("first_byte", time.monotonic())
+        task = asyncio.create_task(self._report_cold_start(key, cold, pod), name=f"cold-start-{key[1]}")
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _report_cold_start(self, key: Key, cold: ColdStart, pod: str) -> None:
+        """Add the pod's own timestamps, then record every phase as metrics and one log line."""
+        if pod and self._pods is not None and (body := await self._pods(key[0], pod)) is not None:
+            cold.add_pod(body)
+        for phase, seconds in cold.marks.items():
+            self.metrics.cold_start_phase(key, phase, seconds)
+        log.info(
+            "cold start of %s/%s: %s",
+            *key,
+            cold.summary(),
+            extra={"namespace": key[0], "endpoint": key[1], "pod": pod, "cold_start_seconds": cold.marks},
+        )
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -150,6 +181,9 @@ class Gateway:
 
     async def close(self) -> None:
         await self.holds.close()
+        for task in list(self._reports):
+            task.cancel()
+        await asyncio.gather(*self._reports, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 
@@ -266,6 +300,7 @@ class Gateway:
             return route
         timeout = hold_timeout(headers.get(TIMEOUT_HEADER), self.settings.hold)
         arrived = time.monotonic()
+        cold = self._cold_starts.setdefault(key, ColdStart(time.time(), arrived))
         if wants_stream(path, headers, body):
             await state.start_sse()
         held = self.metrics.held.labels(*key)
@@ -284,8 +319,10 @@ class Gateway:
                     raise ProxyError(404, "not_found", f"endpoint {key[0]}/{key[1]} was deleted")
         finally:
             held.dec()
-        state.woke_at = time.monotonic()
-        self.metrics.cold_start_phase(key, "ready", state.woke_at - arrived)
+            if (route is None or not route.addresses) and not self.holds.waiting(key):
+                self._cold_starts.pop(key, None)  # the wake failed or the endpoint went away
+        cold.mark("ready", time.monotonic())
+        state.cold_start = cold
         return route
 
     def _upstream_headers(self, scope: Scope, route: Route, headers: Headers) -> dict[str, str]:
@@ -316,10 +353,8 @@ class Gateway:
                 async with self.session().request(
                     scope["method"], url, data=body or None, headers=upstream_headers, allow_redirects=False
                 ) as upstream:
-                    if state.woke_at is not None:
-                        self.metrics.cold_start_phase(
-                            target.key, "first_byte", time.monotonic() - state.woke_at
-                        )
+                    if state.cold_start is not None:
+                        self._first_byte(target.key, state.cold_start, route.pods.get(address, ""))
                     await state.relay(upstream)
                     return
             except aiohttp.ClientConnectorError as error:
@@ -341,7 +376,8 @@ class _Exchange:
         self.started = False
         self.sse = False
         self.status = 200
-        self.woke_at: float | None = None
+        self.cold_start: ColdStart | None = None
+        """Set when this request was held through a wake."""
 
     async def start_sse(self) -> None:
         await self.send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})

@@ -5,8 +5,9 @@ Names (all labelled `namespace`, `endpoint`):
 - `llm_gateway_requests_held` — of those, the ones waiting for a replica;
 - `llm_gateway_requests_total{code}` — finished requests by HTTP status;
 - `llm_gateway_last_request_timestamp_seconds` — unix time of the last request's arrival;
-- `llm_gateway_cold_start_seconds{phase}` — wake phases: `trigger` (arrival -> scale-up written),
-  `ready` (arrival -> first ready replica seen), `first_byte` (ready -> first byte from the replica).
+- `llm_gateway_cold_start_seconds{phase}` — one observation per wake and phase, in seconds since the wake's
+  first held request arrived: `trigger`, `scheduled`, `process_started`, `model_loaded`, `ready`,
+  `first_byte` (see `coldstart`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from llm_operator.settings import ENDPOINT_LABEL
@@ -36,6 +36,8 @@ class Route:
     """The bearer token read from that Secret; None until read (protected endpoints then refuse all)."""
     addresses: tuple[str, ...] = ()
     """`host:port` of every ready, non-terminating serving pod."""
+    pods: Mapping[str, str] = field(default_factory=dict)
+    """Pod name behind each address (from the EndpointSlice's targetRef), where known."""
 
     @property
     def key(self) -> Key:
@@ -53,16 +55,6 @@ class RoutingTable:
 
     def with_route(self, route: Route) -> RoutingTable:
         return RoutingTable({**self.routes, route.key: route})
-
-    def without(self, key: Key) -> RoutingTable:
-        return RoutingTable({k: v for k, v in self.routes.items() if k != key})
-
-    def with_addresses(self, key: Key, addresses: Iterable[str]) -> RoutingTable:
-        """The table with the endpoint's ready addresses replaced (unknown endpoints are ignored)."""
-        route = self.routes.get(key)
-        if route is None:
-            return self
-        return self.with_route(replace(route, addresses=tuple(sorted(set(addresses)))))
 
 
 @dataclass(frozen=True)
@@ -122,9 +114,10 @@ def wants_stream(path: str, headers: Mapping[str, str], body: bytes) -> bool:
     return isinstance(decoded, dict) and decoded.get("stream") is True
 
 
-def ready_addresses(slices: Iterable[Mapping[str, Any]], port_name: str = "http") -> tuple[str, ...]:
-    """`host:port` of the ready, non-terminating endpoints of a Service's EndpointSlices."""
-    found: set[str] = set()
+def ready_addresses(slices: Iterable[Mapping[str, Any]], port_name: str = "http") -> dict[str, str]:
+    """`host:port` -> pod name ("" when the slice names none) of a Service's ready, non-terminating
+    endpoints, from its EndpointSlices."""
+    found: dict[str, str] = {}
     for body in slices:
         port = next((p.get("port") for p in body.get("ports") or () if p.get("name") == port_name), None)
         if port is None:
@@ -133,10 +126,12 @@ def ready_addresses(slices: Iterable[Mapping[str, Any]], port_name: str = "http"
             conditions = item.get("conditions") or {}
             if conditions.get("ready") is False or conditions.get("terminating") is True:
                 continue
+            ref = item.get("targetRef") or {}
+            pod = ref.get("name", "") if ref.get("kind") == "Pod" else ""
             for address in item.get("addresses") or ():
                 host = f"[{address}]" if ":" in address else address
-                found.add(f"{host}:{port}")
-    return tuple(sorted(found))
+                found[f"{host}:{port}"] = pod
+    return dict(sorted(found.items()))
 
 
 def build_table(
@@ -156,6 +151,6 @@ def build_table(
     routes: dict[Key, Route] = {}
     for (namespace, name), (access, secret) in endpoints.items():
         token = tokens.get((namespace, *secret)) if secret else None
-        addresses = ready_addresses(by_endpoint.get((namespace, name), ()), port_name)
-        routes[(namespace, name)] = Route(namespace, name, access, secret, token, addresses)
+        pods = ready_addresses(by_endpoint.get((namespace, name), ()), port_name)
+        routes[(namespace, name)] = Route(namespace, name, access, secret, token, tuple(pods), pods)
     return RoutingTable(routes)

@@ -1,4 +1,5 @@
-"""The gateway's Kubernetes I/O: watch LLMEndpoints and EndpointSlices, read token Secrets, wake Deployments.
+"""The gateway's Kubernetes I/O: watch LLMEndpoints and EndpointSlices, read token Secrets, wake Deployments,
+read woken pods.
 
 All decisions are in `routing.build_table`; this module only keeps the latest objects and hands a fresh table
 to the gateway after every change.
@@ -74,6 +75,20 @@ class ScaleWaker:
             )
         except ConflictError:
             log.debug("scale of %s/%s changed meanwhile (another gateway woke it)", namespace, name)
+
+
+class PodReader:
+    """Read one pod (the woken replica, for the cold-start breakdown); None when that fails."""
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+
+    async def __call__(self, namespace: str, name: str) -> Manifest | None:
+        try:
+            return await self.kube.get("v1", "Pod", namespace, name)
+        except OperatorError as error:
+            log.warning("cannot read pod %s/%s for the cold-start breakdown: %s", namespace, name, error)
+            return None
 
 
 class ClusterWatcher:

@@ -77,14 +77,14 @@ def _slice(endpoint: str, *items: dict[str, object], namespace: str = "ml") -> d
 def test_only_ready_non_terminating_addresses_count() -> None:
     body = _slice(
         "falcon",
-        {"addresses": ["10.0.0.1"], "conditions": {"ready": True}},
+        {"addresses": ["10.0.0.1"], "conditions": {"ready": True}, "targetRef": {"kind": "Pod", "name": "a"}},
         {"addresses": ["10.0.0.2"], "conditions": {"ready": False}},
         {"addresses": ["10.0.0.3"], "conditions": {"ready": True, "terminating": True}},
         {"addresses": ["10.0.0.4"], "conditions": {}},
         {"addresses": ["fd00::5"], "conditions": {"ready": True}},
     )
-    assert ready_addresses([body]) == ("10.0.0.1:8080", "10.0.0.4:8080", "[fd00::5]:8080")
-    assert ready_addresses([{**body, "ports": [{"name": "metrics", "port": 9000}]}]) == ()
+    assert ready_addresses([body]) == {"10.0.0.1:8080": "a", "10.0.0.4:8080": "", "[fd00::5]:8080": ""}
+    assert ready_addresses([{**body, "ports": [{"name": "metrics", "port": 9000}]}]) == {}
 
 
 def test_build_table_joins_endpoints_slices_and_tokens() -> None:
@@ -99,8 +99,10 @@ def test_build_table_joins_endpoints_slices_and_tokens() -> None:
     ]
     table = build_table(endpoints, slices, {("ml", "falcon-api-key", "token"): "s3cret"})
     falcon = table.get(("ml", "falcon"))
+    addresses = ("10.0.0.1:8080", "10.0.0.2:8080")
+    pods = dict.fromkeys(addresses, "")
     assert falcon == Route(
-        "ml", "falcon", "protected", ("falcon-api-key", "token"), "s3cret", ("10.0.0.1:8080", "10.0.0.2:8080")
+        "ml", "falcon", "protected", ("falcon-api-key", "token"), "s3cret", addresses, pods
     )
     assert table.get(("ml", "idle")) == Route("ml", "idle")
     assert table.get(("other", "falcon")) is None
