@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from llm_operator import logs
 from llm_operator.gateway.app import Gateway, GatewaySettings
@@ -79,6 +81,38 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
     )
 
 
+def server_config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
+    """uvicorn as the gateway runs it: httptools, no access log, no header rewriting of its own.
+
+    `proxy_headers` is off because the gateway judges Forwarded/X-Forwarded-For itself (`--trust-forwarded`);
+    the server and date headers are off because proxied answers carry the replica's own.
+    """
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+        lifespan="on",
+        timeout_graceful_shutdown=30,
+    )
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` on uvloop (asyncio's own loop where uvloop is missing)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover (a dependency on Linux)
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
 async def run(args: argparse.Namespace) -> None:
     credentials = Credentials.load(args.kubeconfig, args.context)
     async with Kube(credentials) as kube:
@@ -93,17 +127,8 @@ async def run(args: argparse.Namespace) -> None:
         watching = asyncio.create_task(watcher.run(), name="watch")
         synced = asyncio.create_task(watcher.synced.wait())
         synced.add_done_callback(lambda _: setattr(gateway, "ready", True))
-        config = uvicorn.Config(
-            gateway,
-            host=args.host,
-            port=args.port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=30,
-        )
         try:
-            await uvicorn.Server(config).serve()
+            await uvicorn.Server(server_config(gateway, args.host, args.port)).serve()
         finally:
             for task in (watching, synced):
                 task.cancel()
@@ -114,7 +139,7 @@ async def run(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logs.configure(getattr(logging, args.log_level.upper()))
-    asyncio.run(run(args))
+    run_loop(run(args))
 
 
 if __name__ == "__main__":

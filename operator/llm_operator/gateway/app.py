@@ -362,6 +362,13 @@ class Gateway:
                 route = current if current is not None and current.addresses else route
                 if state.started or len(tried) >= self.settings.connect_tries:
                     raise ProxyError(502, "upstream_unavailable", f"no replica answered: {error}") from None
+            except aiohttp.ClientError as error:
+                # Connected, but the replica went away before its answer began. The request may have
+                # reached it (a generation may have run), so it is not sent again.
+                log.warning("replica failed before answering: %s", error, extra={"upstream": address})
+                raise ProxyError(
+                    502, "upstream_failed", f"the replica failed before answering: {error}"
+                ) from None
             finally:
                 self._in_flight[address] -= 1
                 if not self._in_flight[address]:
@@ -407,13 +414,40 @@ class _Exchange:
             await self.send({"type": "http.response.start", "status": upstream.status, "headers": raw})
             self.started = True
         elif upstream.status != 200:
-            await self._body(
-                b"data: " + _as_error_event(await upstream.read(), upstream.status) + b"\n\n", more=False
-            )
+            try:
+                payload = await upstream.read()
+            except aiohttp.ClientError as error:
+                await self._broke_off(upstream, error)
+                return
+            await self._body(b"data: " + _as_error_event(payload, upstream.status) + b"\n\n", more=False)
             return
-        async for chunk in upstream.content.iter_any():
-            await self._body(chunk, more=True)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await self._body(chunk, more=True)
+        except aiohttp.ClientError as error:
+            await self._broke_off(upstream, error)
+            return
         await self._body(b"", more=False)
+
+    async def _broke_off(self, upstream: aiohttp.ClientResponse, error: aiohttp.ClientError) -> None:
+        """The replica went away mid-answer: end the response as well as its kind allows, counted as 502.
+
+        An SSE stream ends with a TGI error event (`incomplete_generation`, as TGI reports a stream cut
+        short); a chunked body just ends. A body with a Content-Length cannot end early: returning without
+        completing it makes the server close the connection, so the client sees it cut short.
+        """
+        self.status = 502
+        log.warning(
+            "replica broke off its answer: %s",
+            error,
+            extra={"upstream": str(upstream.url.origin()), "path": upstream.url.path},
+        )
+        if self.sse or upstream.content_type == "text/event-stream":
+            message = f"the replica's stream broke off: {error or type(error).__name__}"
+            event = b"data: " + error_body(message, "incomplete_generation") + b"\n\n"
+            await self._body(event, more=False)
+        elif upstream.content_length is None:
+            await self._body(b"", more=False)
 
 
 def _as_error_event(payload: bytes, status: int) -> bytes:
