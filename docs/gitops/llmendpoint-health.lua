@@ -3,6 +3,7 @@
 --   the operator has not observed the latest spec yet      -> Progressing
 --   Degraded condition True, or phase Failed               -> Degraded (with the condition's message)
 --   phase ScaledToZero                                     -> Healthy (idle by design; wakes on a request)
+--   phase Paused (spec.paused)                             -> Suspended (held at zero until resumed)
 --   phase Running with Ready True                          -> Healthy
 --   anything else (Pending, Loading, rolling out)          -> Progressing (with the Ready condition's message)
 local health = {status = "Progressing", message = "Waiting for the operator to report status"}
@@ -29,6 +30,9 @@ end
 if (degraded ~= nil and degraded.status == "True") or status.phase == "Failed" then
   health.status = "Degraded"
   health.message = say(degraded, say(ready, "The endpoint failed"))
+elseif status.phase == "Paused" then
+  health.status = "Suspended"
+  health.message = say(ready, "Paused: spec.paused is set")
 elseif status.phase == "ScaledToZero" then
   health.status = "Healthy"
   health.message = say(conditions["ScaledToZero"], "Scaled to zero; the next request wakes it")

@@ -343,10 +343,11 @@ def render(endpoint: LLMEndpoint, settings: Settings) -> list[Manifest]:
 
 
 def replica_correction(current: int | None, endpoint: LLMEndpoint) -> int | None:
-    """The replica count to set when the Deployment's is outside [minReplicas, maxReplicas], else None.
+    """The replica count to set when the Deployment's is outside [minReplicas, maxReplicas] (or above zero
+    while paused), else None.
 
     Within the bounds the count is the autoscaler's (or a person's `kubectl scale`) and is left alone."""
     scaling = endpoint.spec.scaling
     count = 1 if current is None else current
-    bounded = min(max(count, scaling.min_replicas), scaling.max_replicas)
+    bounded = 0 if endpoint.spec.paused else min(max(count, scaling.min_replicas), scaling.max_replicas)
     return None if bounded == count else bounded

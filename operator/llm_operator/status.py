@@ -1,7 +1,8 @@
 """`compute_status(...)`: what an endpoint's children say about it, as its status. Pure.
 
 Phases: Pending (not placed or not started), Loading (started, not yet ready), Running (at least one ready
-replica), ScaledToZero (no replica wanted), Failed (no ready replica and something a person must fix).
+replica), ScaledToZero (no replica wanted), Paused (`spec.paused`: held at zero, requests refused), Failed (no
+ready replica and something a person must fix).
 Conditions follow metav1.Condition, so kstatus (Argo CD, Flux) reads `Ready` and `observedGeneration`.
 """
 
@@ -49,6 +50,7 @@ class Observation:
     unschedulable: Finding | None
     loading: Finding | None
     starting: Finding | None
+    paused: bool = False
 
 
 def _conditions(obj: Manifest) -> dict[str, Manifest]:
@@ -105,8 +107,9 @@ def observe(
     endpoint: LLMEndpoint, deployment: Manifest | None, pods: list[Manifest], events: list[Manifest]
 ) -> Observation:
     """Reduce the children to the facts that decide phase and conditions."""
-    if deployment is None:
-        return Observation(1, 0, True, 0, None, None, None, None)  # a new Deployment starts one replica
+    paused = endpoint.spec.paused
+    if deployment is None:  # a new Deployment starts one replica (a paused one is scaled down at once)
+        return Observation(1, 0, True, 0, None, None, None, None, paused)
     spec, state = deployment.get("spec", {}), deployment.get("status", {})
     desired = int(spec.get("replicas", 1))
     ready = int(state.get("readyReplicas") or 0)
@@ -153,7 +156,9 @@ def observe(
         loading = Finding("ModelLoading", f"{len(running)} replica(s) loading {_model_name(endpoint)}")
     if len(running) < len(not_ready):
         starting = Finding("ContainerCreating", f"{len(not_ready) - len(running)} pod(s) starting")
-    return Observation(desired, ready, rolling_out, len(live), broken, unschedulable, loading, starting)
+    return Observation(
+        desired, ready, rolling_out, len(live), broken, unschedulable, loading, starting, paused
+    )
 
 
 def _model_name(endpoint: LLMEndpoint) -> str:
@@ -167,8 +172,19 @@ def decide(seen: Observation) -> tuple[Phase, dict[ConditionType, tuple[bool, st
     """Phase and each condition's (status, reason, message) from the observed facts."""
     ratio = f"{seen.ready}/{seen.desired} replicas ready"
     blocker = seen.unschedulable or seen.loading or seen.starting
-    if seen.desired == 0:
-        phase: Phase = "ScaledToZero"
+    if seen.paused:
+        phase: Phase = "Paused"
+        ready = (
+            (
+                True,
+                "Paused",
+                "spec.paused is set: no replica runs and requests are refused until it is cleared",
+            )
+            if seen.desired == 0 and not seen.live_pods
+            else (False, "Pausing", f"stopping {max(seen.desired, seen.live_pods)} replica(s)")
+        )
+    elif seen.desired == 0:
+        phase = "ScaledToZero"
         ready = (True, "ScaledToZero", "no replica runs; the gateway starts one on the next request")
     elif seen.ready >= 1:
         phase = "Running"

@@ -68,12 +68,17 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     cluster.kubectl("delete", "namespace", name, "--wait=false")  # stops the local node's serving processes
 
 
-def recorded(cluster: Cluster, namespace: str, name: str, phase: str, timeout: float = 240) -> dict[str, Any]:
-    """The LLMEndpoint once the operator reports `phase`, as `kubectl get -o json` returns it."""
+def recorded(
+    cluster: Cluster, namespace: str, name: str, phase: str, timeout: float = 240, ready: str | None = None
+) -> dict[str, Any]:
+    """The LLMEndpoint once the operator reports `phase` (and the Ready status `ready`, when given), as
+    `kubectl get -o json` returns it."""
 
     def in_phase() -> dict[str, Any] | None:
         obj = get(cluster, "llmendpoint", name, "-n", namespace)
-        return obj if obj.get("status", {}).get("phase") == phase else None
+        status = obj.get("status", {})
+        conditions = {c["type"]: c["status"] for c in status.get("conditions") or ()}
+        return obj if status.get("phase") == phase and ready in (None, conditions.get("Ready")) else None
 
     return wait_for(in_phase, timeout, f"{name} to be {phase}", interval=0.1)
 
@@ -104,12 +109,14 @@ def record_phases(cluster: Cluster, namespace: str) -> dict[str, dict[str, Any]]
         endpoint("idle", namespace, {**SMOLLM2, **ON_KWOK}),
         endpoint("loading", namespace, {**SMOLLM2, **AGENT_PLACEMENT}),
         endpoint("broken", namespace, {"model": {"path": "/nonexistent/model"}, **AGENT_PLACEMENT}),
+        endpoint("paused", namespace, {**SMOLLM2, **ON_KWOK, "paused": True}),
     )
     found = {
         "Loading": recorded(cluster, namespace, "loading", "Loading"),
         "Running": recorded(cluster, namespace, "running", "Running"),
         "Pending": recorded(cluster, namespace, "pending", "Pending"),
         "Failed": recorded(cluster, namespace, "broken", "Failed"),
+        "Paused": recorded(cluster, namespace, "paused", "Paused", ready="True"),
     }
     recorded(cluster, namespace, "idle", "Running")
     cluster.kubectl("scale", "deployment", "idle", "-n", namespace, "--replicas=0")
@@ -125,6 +132,7 @@ def record_phases(cluster: Cluster, namespace: str) -> dict[str, dict[str, Any]]
         ("Pending", "Progressing", "Insufficient nvidia.com/gpu"),
         ("Loading", "Progressing", ""),
         ("Failed", "Degraded", ""),
+        ("Paused", "Suspended", "spec.paused"),
         ("NotObserved", "Progressing", "observe generation"),
     ],
 )
@@ -144,6 +152,7 @@ def test_argo_cd_health(
     [
         ("Running", "Current"),
         ("ScaledToZero", "Current"),
+        ("Paused", "Current"),
         ("Loading", "InProgress"),
         ("Pending", "InProgress"),
     ],

@@ -172,6 +172,17 @@ async def test_private_endpoint_refuses_outside_callers(rig: Rig) -> None:
     assert answer.json()["error_type"] == "forbidden"
 
 
+async def test_a_paused_endpoint_refuses_without_waking(rig: Rig) -> None:
+    for ready in (False, True):
+        rig.route(ready=ready, paused=True)
+        answer = await rig.client.post("/endpoints/ml/falcon/generate", json={"inputs": "hi"})
+        assert answer.status_code == 503
+        assert answer.json()["error_type"] == "paused"
+        assert "retry-after" not in answer.headers  # it does not come back by itself
+    assert rig.waker.calls == []
+    assert rig.upstream.received == []
+
+
 async def test_held_requests_share_one_wake_and_are_answered(rig: Rig) -> None:
     rig.route(ready=False)
     rig.waker.address = rig.upstream_address

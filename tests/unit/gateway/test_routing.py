@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from llm_operator.gateway.routing import (
-    Access,
-    Key,
+    EndpointEntry,
     Route,
     RoutingTable,
     Target,
@@ -88,9 +87,10 @@ def test_only_ready_non_terminating_addresses_count() -> None:
 
 
 def test_build_table_joins_endpoints_slices_and_tokens() -> None:
-    endpoints: dict[Key, tuple[Access, tuple[str, str] | None]] = {
-        ("ml", "falcon"): ("protected", ("falcon-api-key", "token")),
-        ("ml", "idle"): ("public", None),
+    endpoints = {
+        ("ml", "falcon"): EndpointEntry("protected", ("falcon-api-key", "token")),
+        ("ml", "idle"): EndpointEntry(),
+        ("ml", "paused"): EndpointEntry(paused=True),
     }
     slices = [
         _slice("falcon", {"addresses": ["10.0.0.1"], "conditions": {"ready": True}}),
@@ -105,4 +105,5 @@ def test_build_table_joins_endpoints_slices_and_tokens() -> None:
         "ml", "falcon", "protected", ("falcon-api-key", "token"), "s3cret", addresses, pods
     )
     assert table.get(("ml", "idle")) == Route("ml", "idle")
+    assert table.get(("ml", "paused")) == Route("ml", "paused", paused=True)
     assert table.get(("other", "falcon")) is None

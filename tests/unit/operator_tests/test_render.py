@@ -290,6 +290,12 @@ def test_replica_correction(current: int | None, scaling: dict[str, int], expect
     assert replica_correction(current, endpoint({"scaling": scaling})) == expected
 
 
+@pytest.mark.parametrize(("current", "expected"), [(None, 0), (3, 0), (0, None)])
+def test_a_paused_endpoint_is_held_at_zero(current: int | None, expected: int | None) -> None:
+    paused = endpoint({"paused": True, "scaling": {"minReplicas": 2, "maxReplicas": 3}})
+    assert replica_correction(current, paused) == expected
+
+
 def test_the_server_drains_for_the_grace_period_less_the_pre_stop_pause() -> None:
     args = container({})["args"]
     assert flag(args, "--drain-seconds") == "290"  # 300 s grace, 5 s preStop, 5 s to exit

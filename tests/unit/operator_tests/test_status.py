@@ -115,6 +115,24 @@ def test_scaling_down_to_zero_with_pods_stopping() -> None:
     assert conditions(result)["Progressing"] == ("True", "ScalingDown")
 
 
+def test_paused_is_ready_once_nothing_runs_and_pausing_until_then() -> None:
+    paused = endpoint({"paused": True})
+    pausing = status(paused, deployment(1, 1), [pod(ready=True)])
+    assert pausing.phase == "Paused"
+    assert conditions(pausing)["Ready"] == ("False", "Pausing")
+    stopping = status(paused, deployment(0, 0), [pod(ready=True)])
+    assert conditions(stopping)["Ready"] == ("False", "Pausing")
+    assert conditions(stopping)["Progressing"] == ("True", "ScalingDown")
+    done = status(paused, deployment(0, 0), [])
+    assert done.phase == "Paused"
+    assert conditions(done) == {
+        "Ready": ("True", "Paused"),
+        "Progressing": ("False", "Stable"),
+        "ScaledToZero": ("True", "ScaledToZero"),
+        "Degraded": ("False", "Healthy"),
+    }
+
+
 def test_terminating_pods_are_ignored() -> None:
     result = status(
         endpoint(),
