@@ -78,7 +78,7 @@ def vm_hwm_mib(pid: int) -> float:
 
 def run_generate(model: Any, tokenizer: Any, prompts: list[str], max_new: int) -> tuple[float, int]:
     """One padded `generate` call; returns (seconds, useful tokens generated, stopping at EOS)."""
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(

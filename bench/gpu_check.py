@@ -1,0 +1,588 @@
+"""The serving server on a GPU: engine probe, the real server, clients, batching equivalence, throughput.
+
+Driven by bench/gpu_check.sh (one device run); also runs on CPU with a small model (see that script).
+
+  probe  engine-level check that needs no tokenizer or HTTP: a tiny float32 random Llama, greedy tokens from
+         `ModelRunner` steps (staggered arrivals, filter + concat of the KV cache) vs `model.generate` alone.
+         Run once with the device's own transformers and once with the project's pinned one.
+  full   builds a random-weight Llama (bf16 on GPU) with SmolLM2's tokenizer, starts `python -m llm_serving`,
+         checks /health and /info, streams with huggingface_hub's InferenceClient, checks that requests
+         alone equal the same requests in a concurrent batch, then measures sequential vs concurrent
+         streaming throughput, TTFT and inter-token latency (and `model.generate` baselines as time allows).
+
+Results: <out>/probe-<tag>.json, <out>/results.json, <out>/server.log, <out>/metrics.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import json
+import os
+import platform
+import random
+import re
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT / "serving"))
+
+EQ_PROMPTS = [
+    "Once upon a time,",
+    "The quick brown fox",
+    "In a galaxy far, far away there lived a",
+    "Hello",
+    "Numbers: one, two, three,",
+    "Dear diary, today I",
+]
+
+
+def _bench_serving() -> Any:
+    """bench/serving.py (stream_one, run_generate, mixed_arrivals, PROMPTS), loaded by path."""
+    module = sys.modules.get("bench_serving")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("bench_serving", BENCH / "serving.py")
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_serving"] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- probe
+
+
+def probe(out: Path, tag: str) -> int:
+    import torch
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llm_serving.engine.runner import ModelRunner, StepPlan
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result: dict[str, Any] = {
+        "tag": tag,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+    }
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    model = LlamaForCausalLM(config).to(device).eval()  # type: ignore[arg-type]
+    result["forward_has_cache_kwarg"] = "cache" in inspect.signature(model.forward).parameters
+    result["forward_has_past_key_values_kwarg"] = (
+        "past_key_values" in inspect.signature(model.forward).parameters
+    )
+    rng = random.Random(7)
+    prompts = [tuple(rng.randrange(3, 512) for _ in range(n)) for n in (5, 11, 8)]
+    steps = 12
+    reference: list[list[int]] = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([p], device=device)
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=steps,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            reference.append(gen[0, len(p) :].tolist())
+    # Engine steps: prompt 0 alone for 3 steps, then prompts 1 and 2 join (concat with left padding);
+    # each row leaves the batch once it has `steps` tokens (filter).
+    got: list[list[int]] = [[] for _ in prompts]
+    arrive = {0: [0], 3: [1, 2]}
+    order: list[int] = []  # request index of each batch row
+    try:
+        runner = ModelRunner(model)
+        step = 0
+        while any(len(g) < steps for g in got):
+            kept = [r for r in order if len(got[r]) < steps]  # rows of the runner's batch still going
+            new = arrive.get(step, [])
+            step += 1
+            if not kept and not new:
+                continue
+            plan = StepPlan(
+                keep=tuple(order.index(r) for r in kept),
+                decode_tokens=tuple(got[r][-1] for r in kept),
+                prompts=tuple(prompts[r] for r in new),
+                prompt_logprobs=tuple(False for _ in new),
+            )
+            logits = runner.execute(plan).logits
+            order = kept + new
+            for row, r in enumerate(order):
+                got[r].append(int(logits[row].argmax()))
+        result["engine_tokens"] = got
+        result["error"] = None
+    except Exception as exc:  # the point is to record what breaks
+        result["engine_tokens"] = got
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    result["generate_tokens"] = reference
+    result["match"] = result["error"] is None and got == reference
+    write_json(out / f"probe-{tag}.json", result)
+    log(
+        f"probe[{tag}] transformers {result['transformers']} on {result['device']}: "
+        f"forward(cache=) {result['forward_has_cache_kwarg']}, engine == generate: {result['match']}"
+        + (f", error {result['error']}" if result["error"] else "")
+    )
+    if not result["match"]:
+        for r, (a, b) in enumerate(zip(got, reference, strict=True)):
+            log(f"  prompt {r}: engine {a}")
+            log(f"  prompt {r}: generate {b}")
+    return 0 if result["match"] else 1
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def build_model(target: Path, tokenizer_dir: Path, a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        # Sharper logits than the default 0.02: greedy choices are not near-ties that bf16 rounding flips.
+        initializer_range=a.init_range,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(1234)
+    start = time.perf_counter()
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config)
+    model.to(dtype)  # type: ignore[arg-type]
+    params = sum(p.numel() for p in model.parameters())
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    info = {
+        "parameters": params,
+        "dtype": str(dtype),
+        "hidden": a.hidden,
+        "layers": a.layers,
+        "intermediate": a.intermediate,
+        "heads": a.heads,
+        "kv_heads": a.kv_heads,
+        "vocab": len(tokenizer),
+        "init_range": a.init_range,
+        "build_seconds": time.perf_counter() - start,
+    }
+    log(f"model: {params / 1e6:.1f}M parameters, {dtype}, built and saved in {info['build_seconds']:.1f} s")
+    return info
+
+
+# ----------------------------------------------------------------------------------------------- server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_server(model_dir: Path, max_new: int, log_path: Path) -> tuple[subprocess.Popen[bytes], str, float]:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "llm_serving",
+        "--model",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-input-tokens",
+        "256",
+        "--max-total-tokens",
+        str(256 + max_new),
+        "--max-batch-size",
+        "64",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "serving"), env.get("PYTHONPATH")) if p)
+    env.pop("API_KEY", None)
+    start = time.perf_counter()
+    with log_path.open("wb") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    seen: list[int] = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-5000:]}")
+        try:
+            status = httpx.get(f"{url}/health", timeout=5).status_code
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            if status == 200:
+                log(f"server healthy after {time.perf_counter() - start:.1f} s (health codes seen {seen})")
+                return proc, url, time.perf_counter() - start
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError(f"server not healthy in 300 s:\n{log_path.read_text()[-5000:]}")
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else float("nan")
+
+
+def client_checks(url: str) -> dict[str, Any]:
+    from huggingface_hub import InferenceClient
+
+    res: dict[str, Any] = {}
+    health = httpx.get(f"{url}/health")
+    info = httpx.get(f"{url}/info")
+    res["health_status"] = health.status_code
+    res["info_status"] = info.status_code
+    res["info"] = info.json()
+    assert health.status_code == 200, health.text
+    assert info.status_code == 200, info.text
+    prompt = "Write a haiku about GPUs."
+    client = InferenceClient(url)
+    start = time.perf_counter()
+    events = list(client.text_generation(prompt, max_new_tokens=16, stream=True, details=True))
+    res["stream_seconds"] = time.perf_counter() - start
+    streamed = "".join(e.token.text for e in events if not e.token.special)
+    res["stream_events"] = len(events)
+    res["stream_finish_reason"] = str(events[-1].details.finish_reason) if events[-1].details else None
+    res["stream_generated_text"] = events[-1].generated_text
+    plain = httpx.post(
+        f"{url}/generate",
+        json={"inputs": prompt, "parameters": {"max_new_tokens": 16, "do_sample": False}},
+        timeout=120,
+    ).json()
+    final = events[-1].generated_text or streamed
+    # InferenceClient posts to `/`, where TGI's return_full_text defaults to true: the prompt comes first.
+    res["stream_included_prompt"] = final.startswith(prompt)
+    res["stream_text_equals_generate"] = final.removeprefix(prompt) == plain["generated_text"]
+    chat = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": "tgi", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
+        timeout=120,
+    )
+    res["chat_status"] = chat.status_code
+    res["chat_usage"] = chat.json().get("usage")
+    log(
+        f"clients: /health {health.status_code}, /info {info.status_code}; InferenceClient streamed "
+        f"{len(events)} events ({res['stream_finish_reason']}), equals /generate: "
+        f"{res['stream_text_equals_generate']}; /v1/chat/completions {chat.status_code}"
+    )
+    return res
+
+
+def _eq_body(i: int, max_new: int) -> dict[str, Any]:
+    parameters: dict[str, Any] = {"max_new_tokens": max_new // 2 + 5 * (i % 4), "details": True}
+    if i % 2:
+        parameters.update(do_sample=True, seed=100 + i, temperature=1.5, top_k=50, top_p=0.95)
+    return {"inputs": EQ_PROMPTS[i % len(EQ_PROMPTS)], "parameters": parameters}
+
+
+def _tokens(url: str, body: dict[str, Any]) -> list[int]:
+    response = httpx.post(f"{url}/generate", json=body, timeout=600)
+    assert response.status_code == 200, response.text
+    return [t["id"] for t in response.json()["details"]["tokens"]]
+
+
+def batching_equivalence(url: str, n: int, max_new: int) -> dict[str, Any]:
+    """As tests/serving/test_batching.py: each request alone, then all at once; tokens must be equal."""
+    bodies = [_eq_body(i, max_new) for i in range(n)]
+    alone = [_tokens(url, b) for b in bodies]
+    steps_before = metric(url, "tgi_batch_next_size_count")
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        batched = list(pool.map(lambda b: _tokens(url, b), bodies))
+    steps = metric(url, "tgi_batch_next_size_count") - steps_before
+    rows = []
+    for i, (a, b) in enumerate(zip(alone, batched, strict=True)):
+        diverge = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        if diverge is None and len(a) != len(b):
+            diverge = min(len(a), len(b))
+        rows.append(
+            {
+                "greedy": not i % 2,
+                "tokens_alone": len(a),
+                "tokens_batched": len(b),
+                "equal": a == b,
+                "first_divergence": diverge,
+            }
+        )
+    res = {
+        "requests": n,
+        "all_equal": alone == batched,
+        "greedy_equal": all(r["equal"] for r in rows if r["greedy"]),
+        "seeded_sampling_equal": all(r["equal"] for r in rows if not r["greedy"]),
+        "engine_steps_batched": steps,
+        "tokens_batched": sum(len(t) for t in batched),
+        "shared_steps": steps < sum(len(t) for t in batched),
+        "rows": rows,
+    }
+    log(
+        f"alone vs batched ({n} requests, half greedy, half seeded sampling): all equal {res['all_equal']} "
+        f"(greedy {res['greedy_equal']}, seeded {res['seeded_sampling_equal']}); "
+        f"{steps:.0f} engine steps for {res['tokens_batched']} tokens"
+    )
+    return res
+
+
+def _stream(client: httpx.Client, prompt: str, max_new: int, t0: float) -> dict[str, Any]:
+    """One streaming request on a shared client (a new httpx client per request costs tens of ms of
+    CPU under the GIL, which would show up as TTFT at high concurrency)."""
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new, "do_sample": False}}
+    sent = time.perf_counter() - t0
+    stamps: list[float] = []
+    with client.stream("POST", "/generate_stream", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                stamps.append(time.perf_counter() - t0)
+                assert "error" not in json.loads(line[6:]), line
+    return {"sent": sent, "stamps": stamps}
+
+
+def stream_runs(url: str, prompts: list[str], max_new: int, concurrency: int) -> dict[str, Any]:
+    """`len(prompts)` streaming requests, at most `concurrency` at a time (1 = one after another)."""
+    bench_serving = _bench_serving()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    with httpx.Client(base_url=url, timeout=600, limits=limits) as client:
+        _stream(client, prompts[0], 1, time.perf_counter())  # opens a connection before the clock starts
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            results = list(pool.map(lambda p: _stream(client, p, max_new, t0), prompts))
+    seconds = time.perf_counter() - t0
+    ttft = [r["stamps"][0] - r["sent"] for r in results]
+    itl = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:], strict=False)]
+    tokens = sum(len(r["stamps"]) for r in results)
+    pct = bench_serving.percentile
+    res = {
+        "concurrency": concurrency,
+        "requests": len(prompts),
+        "seconds": seconds,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "ttft_p50_ms": pct(ttft, 50) * 1000,
+        "ttft_p99_ms": pct(ttft, 99) * 1000,
+        "itl_p50_ms": pct(itl, 50) * 1000,
+        "itl_p99_ms": pct(itl, 99) * 1000,
+    }
+    log(
+        f"server, {len(prompts)} requests x {max_new} tokens, concurrency {concurrency:2d}: "
+        f"{res['tokens_per_s']:8.1f} tok/s ({seconds:.1f} s); TTFT p50 {res['ttft_p50_ms']:.1f} ms "
+        f"p99 {res['ttft_p99_ms']:.1f} ms; ITL p50 {res['itl_p50_ms']:.1f} ms p99 {res['itl_p99_ms']:.1f} ms"
+    )
+    return res
+
+
+def gpu_memory_by_pid() -> dict[str, str]:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {
+        line.split(",")[0].strip(): line.split(",")[1].strip() for line in out.splitlines() if "," in line
+    }
+
+
+def full(a: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    bench_serving = _bench_serving()
+    from llm_serving.loading import load, resolve
+
+    t_start = time.perf_counter()
+    out: Path = a.out
+    max_new: int = a.max_new_tokens
+
+    def left() -> float:
+        return float(a.budget_s - (time.perf_counter() - t_start))
+
+    results: dict[str, Any] = {
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "transformers_file": transformers.__file__,
+            "cuda": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "max_new_tokens": max_new,
+    }
+
+    def save() -> None:
+        write_json(out / "results.json", results)
+
+    results["model"] = build_model(a.model_dir, a.tokenizer, a)
+    save()
+    proc, url, load_s = start_server(a.model_dir, max_new, out / "server.log")
+    results["server_start_seconds"] = load_s
+    failures: list[str] = []
+    try:
+        try:
+            results["clients"] = client_checks(url)
+        except Exception as exc:
+            failures.append(f"clients: {type(exc).__name__}: {exc}")
+            log(failures[-1])
+        save()
+        try:
+            results["batching_equivalence"] = eq = batching_equivalence(url, a.eq_requests, max_new)
+            if not eq["all_equal"]:
+                failures.append("alone != batched")
+        except Exception as exc:
+            failures.append(f"equivalence: {type(exc).__name__}: {exc}")
+            log(failures[-1])
+        save()
+
+        prompts = [
+            p + suffix
+            for suffix in ("", " Then summarise it.", " Tell it in the first person.", " Give it a twist.")
+            for p in bench_serving.PROMPTS
+        ]
+        # Warm-up: one request, then a burst that walks the batch sizes.
+        bench_serving.stream_one(url, prompts[0], 2, time.perf_counter())
+        stream_runs(url, prompts[: max(a.concurrency)], 4, max(a.concurrency))
+        runs: dict[str, Any] = {}
+        results["server_streaming"] = runs
+        runs["sequential"] = stream_runs(url, prompts[: a.sequential_requests], max_new, 1)
+        save()
+        for c in a.concurrency:
+            if left() < 30:
+                log(f"skipping concurrency {c}: {left():.0f} s of budget left")
+                continue
+            runs[f"concurrent_{c}"] = stream_runs(url, prompts[:c], max_new, c)
+            save()
+        seq_tps = runs["sequential"]["tokens_per_s"]
+        results["speedup_vs_sequential_server"] = {
+            k: v["tokens_per_s"] / seq_tps for k, v in runs.items() if k != "sequential"
+        }
+        log(f"speed-up vs one-at-a-time: {results['speedup_vs_sequential_server']}")
+        (out / "metrics.txt").write_text(httpx.get(f"{url}/metrics").text)
+        results["gpu_memory_by_pid"] = gpu_memory_by_pid()
+        results["server_pid"] = proc.pid
+        save()
+
+        if a.baselines and left() > 60:
+            device = "cuda:0" if torch.cuda.is_available() else None
+            model, tokenizer = load(resolve(str(a.model_dir)), "auto", device=device)
+            tokenizer.padding_side = "left"
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            bench_serving.run_generate(model, tokenizer, prompts[:2], 4)  # warm-up
+            seq_s, seq_n = 0.0, 0
+            for p in prompts[: a.sequential_requests]:
+                s, n = bench_serving.run_generate(model, tokenizer, [p], max_new)
+                seq_s, seq_n = seq_s + s, seq_n + n
+            static: dict[str, Any] = {}
+            for c in a.concurrency:
+                s, n = bench_serving.run_generate(model, tokenizer, prompts[:c], max_new)
+                static[f"static_batch_{c}"] = {"seconds": s, "tokens": n, "tokens_per_s": n / s}
+            results["model_generate"] = {
+                "sequential": {"seconds": seq_s, "tokens": seq_n, "tokens_per_s": seq_n / seq_s},
+                **static,
+            }
+            log(f"model.generate in-process: {results['model_generate']}")
+            save()
+            if left() > 60:
+                gap = seq_s / a.sequential_requests / 4
+                results["mixed_arrivals"] = mixed = bench_serving.mixed_arrivals(
+                    url, model, tokenizer, prompts[:8], max_new, gap=gap
+                )
+                log(f"mixed arrivals: {mixed}")
+            del model
+        elif a.baselines:
+            log(f"skipping model.generate baselines: {left():.0f} s of budget left")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        results["server_exit_code"] = proc.returncode
+        results["failures"] = failures
+        results["total_seconds"] = time.perf_counter() - t_start
+        save()
+    log(f"done in {results['total_seconds']:.0f} s; failures: {failures or 'none'}")
+    return 1 if failures else 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["probe", "full"])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tag", default="local", help="probe: name of the transformers under test")
+    p.add_argument("--tokenizer", type=Path, default=ROOT / ".cache/serving-tests/tokenizer-smollm2-0.1.2")
+    p.add_argument("--model-dir", type=Path, default=Path("/tmp/gpu-check-model"))
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--init-range", type=float, default=0.2)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--eq-requests", type=int, default=12)
+    p.add_argument("--sequential-requests", type=int, default=8)
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[16, 32, 64])
+    p.add_argument("--no-baselines", dest="baselines", action="store_false")
+    p.add_argument("--budget-s", type=float, default=240, help="skip optional parts past this")
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.stage == "probe":
+        return probe(a.out, a.tag)
+    return full(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
