@@ -42,7 +42,7 @@ from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 
 from tests.cluster.harness import POD_MARKER_ENV
-from tests.cluster.pod_network import PodNetwork, PodNetworkError
+from tests.cluster.pod_network import API_SERVER_NAME, PodNetwork, PodNetworkError
 
 log = logging.getLogger("node-agent")
 AGENT_LABEL = "llm-endpoints.io/local-node-agent"
@@ -374,8 +374,9 @@ class NodeAgent:
     def service_account_kubeconfig(self, pod: Any, directory: Path, host_address: str) -> Path:
         """A kubeconfig that authenticates as the pod's ServiceAccount, with a token the API server issues.
 
-        The pod reaches the API server through its link to the host; the server's certificate names
-        localhost, so the client checks it under that name."""
+        The pod reaches the API server through its link to the host, under the name its certificate
+        carries (`kubernetes.default.svc`, which the pod's /etc/hosts maps to that link): clients that
+        ignore `tls-server-name` (kopf, aiohttp) verify it too."""
         account = pod.spec.service_account_name or "default"
         request = {"spec": {"audiences": [], "expirationSeconds": 86400}}
         token = self.core.create_namespaced_service_account_token(account, pod.metadata.namespace, request)
@@ -387,9 +388,8 @@ class NodeAgent:
                 {
                     "name": "local",
                     "cluster": {
-                        "server": f"https://{host_address}:{urlsplit(admin.host).port}",
+                        "server": f"https://{API_SERVER_NAME}:{urlsplit(admin.host).port}",
                         "certificate-authority": admin.ssl_ca_cert,
-                        "tls-server-name": "localhost",
                     },
                 }
             ],

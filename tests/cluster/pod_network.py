@@ -3,19 +3,25 @@
 Each pod gets its own namespace joined to the host by a veth pair on a /30 of 10.245.0.0/16: the pod's
 side is its IP, as in a cluster, so the pod may bind any port on 0.0.0.0, EndpointSlices accept the
 address (they refuse loopback ones), and the gateway reaches it as it would reach a pod. The host side is
-the pod's way back to the host, e.g. to the API server. Traffic never leaves this machine. Needs root and
-`ip` (iproute2).
+the pod's way back to the host, e.g. to the API server, which the pod knows as `kubernetes.default.svc`
+(a name its serving certificate carries) through an /etc/hosts of its own (`ip netns exec` mounts
+/etc/netns/<namespace>/hosts over /etc/hosts). Traffic never leaves this machine. Needs root and `ip`
+(iproute2).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import random
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 POD_RANGE = ipaddress.ip_network("10.245.0.0/16")
+API_SERVER_NAME = "kubernetes.default.svc"
+"""The API server's name inside a pod: it resolves to the host side of the pod's link."""
+NETNS_ETC = Path("/etc/netns")
 
 
 class PodNetworkError(OSError):
@@ -66,6 +72,12 @@ class PodNetwork:
         ip(*inside, "addr", "add", f"{pod}/30", "dev", "eth0")
         ip(*inside, "link", "set", "eth0", "up")
         ip(*inside, "route", "add", "default", "via", host)
+        etc = NETNS_ETC / namespace
+        etc.mkdir(parents=True, exist_ok=True)
+        hosts = (
+            f"127.0.0.1 localhost\n::1 localhost\n{host} {API_SERVER_NAME} kubernetes.default kubernetes\n"
+        )
+        (etc / "hosts").write_text(hosts)
         return cls(namespace, host_link, host, pod, registry)
 
     def command(self, argv: list[str]) -> list[str]:
@@ -83,6 +95,7 @@ def delete(namespace: str, host_link: str, registry: Path) -> None:
             ip(*args)
         except PodNetworkError:
             continue
+    shutil.rmtree(NETNS_ETC / namespace, ignore_errors=True)
     (registry / namespace).unlink(missing_ok=True)
 
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 
-from tests.cluster.harness import ROOT, Cluster
+from tests.cluster.harness import ROOT, Cluster, pod_processes
+from tests.cluster.node_agent import AGENT_PLACEMENT
+from tests.cluster.operator_support import EXAMPLES, get, install_crd, new_namespace, wait_for
 
 pytestmark = pytest.mark.cluster
 CHART = ROOT / "charts" / "llm-endpoints"
@@ -123,3 +128,154 @@ def test_install_manifest_applies_cleanly_twice(cluster: Cluster) -> None:
     diff = cluster.kubectl("diff", "--server-side", "-f", manifest, check=False)
     assert diff.returncode == 0, diff.stdout
     cluster.kubectl("scale", "deployment", "--all", "-n", "llm-system", "--replicas=0")
+
+
+# -- the release's whole life on the cluster: install, upgrade, uninstall -----------------------------------
+
+RELEASE = "lc"
+FULLNAME = f"{RELEASE}-llm-endpoints"
+INSTANCE = f"app.kubernetes.io/instance={RELEASE}"
+
+
+def release_pods(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    """The release's pods of one component (llm-operator or llm-gateway), deleting ones left out."""
+    selector = f"{INSTANCE},app.kubernetes.io/name={name}"
+    items: list[dict[str, Any]] = get(cluster, "pods", "-n", namespace, "-l", selector).get("items", [])
+    return [pod for pod in items if not pod["metadata"].get("deletionTimestamp")]
+
+
+def pod_process(cluster: Cluster, pod: dict[str, Any]) -> psutil.Process:
+    """The local node agent's process for a pod (it sets the pod's name as HOSTNAME)."""
+    for process in pod_processes(cluster.workdir):
+        with contextlib.suppress(psutil.Error):
+            environ = process.environ()
+            if environ.get("HOSTNAME") == pod["metadata"]["name"] and "KUBECONFIG" in environ:
+                return process
+    raise AssertionError(f"no process runs pod {pod['metadata']['name']}")
+
+
+def whoami(cluster: Cluster, process: psutil.Process) -> str:
+    """The user the API server sees behind a pod process's credentials: a SelfSubjectReview made with the
+    process's kubeconfig from inside its network namespace, as the process itself would connect."""
+    netns = subprocess.run(
+        ["ip", "netns", "identify", str(process.pid)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    kubectl = [str(cluster.bin_dir / "kubectl"), "--kubeconfig", process.environ()["KUBECONFIG"]]
+    argv = ["ip", "netns", "exec", netns, *kubectl, "auth", "whoami", "-o", "json"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    username: str = json.loads(result.stdout)["status"]["userInfo"]["username"]
+    return username
+
+
+@pytest.fixture
+def release_namespaces(cluster: Cluster) -> Iterator[tuple[str, str]]:
+    """The release's namespace and the namespace of the example endpoint; both deleted at the end."""
+    system, apps = new_namespace(cluster, "llm-rel"), new_namespace(cluster, "llm-apps")
+    yield system, apps
+    helm(cluster, "uninstall", RELEASE, "--namespace", system, "--wait", check=False)
+    cluster.kubectl("delete", "namespace", system, apps, "--wait=false", check=False)
+
+
+def test_helm_install_upgrade_uninstall(
+    cluster: Cluster, local_node: str, release_namespaces: tuple[str, str], tmp_path: Path
+) -> None:
+    """`helm install` runs the operator and gateway pods (on the local node, under the chart's
+    ServiceAccounts) and the operator reconciles the example endpoint; `helm upgrade` with a changed value
+    rolls the operator only; `helm uninstall` removes the release's objects and leaves the CRD, the
+    endpoints and what they own."""
+    system, apps = release_namespaces
+    install_crd(cluster)  # the CRD may already be there (other tests): helm then leaves it as it is
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump({**AGENT_PLACEMENT, "operator": {"replicas": 1}, "gateway": {"replicas": 1}})
+    )
+    release = ("--namespace", system, "-f", str(values), "--wait", "--timeout=180s")
+    helm(cluster, "install", RELEASE, str(CHART), *release)
+
+    # the operator runs as the chart's ServiceAccount, with the identity the node agent gave its pod
+    (operator,) = release_pods(cluster, system, "llm-operator")
+    assert operator["spec"]["serviceAccountName"] == f"{FULLNAME}-operator"
+    assert (
+        whoami(cluster, pod_process(cluster, operator))
+        == f"system:serviceaccount:{system}:{FULLNAME}-operator"
+    )
+    (gateway,) = release_pods(cluster, system, "llm-gateway")
+    assert (
+        whoami(cluster, pod_process(cluster, gateway)) == f"system:serviceaccount:{system}:{FULLNAME}-gateway"
+    )
+
+    # ... and reconciles the example endpoint (its pods land on the kwok nodes)
+    cluster.kubectl("apply", "-n", apps, "-f", str(EXAMPLES / "smollm2.yaml"))
+    gateway_url = f"http://{FULLNAME}-gateway.{system}.svc.cluster.local"
+    wait_for(
+        lambda: get(cluster, "llme", "smollm2", "-n", apps).get("status", {}).get("url"),
+        90,
+        "the chart's operator to write the example endpoint's status",
+    )
+    endpoint = get(cluster, "llme", "smollm2", "-n", apps)
+    assert endpoint["status"]["url"] == f"{gateway_url}/endpoints/{apps}/smollm2"
+    deployment = get(cluster, "deployment", "smollm2", "-n", apps)
+    assert deployment["metadata"]["ownerReferences"][0]["uid"] == endpoint["metadata"]["uid"]
+
+    # upgrade: a changed operator value rolls the operator (a new pod replaces the old), not the gateway
+    helm(
+        cluster,
+        "upgrade",
+        RELEASE,
+        str(CHART),
+        *release,
+        "--reuse-values",
+        "--set",
+        "operator.logLevel=debug",
+    )
+    rolled = wait_for(
+        lambda: [
+            p
+            for p in release_pods(cluster, system, "llm-operator")
+            if p["metadata"]["uid"] != operator["metadata"]["uid"]
+        ],
+        60,
+        "a new operator pod",
+    )
+    assert len(rolled) == 1
+    assert "--log-level=debug" in rolled[0]["spec"]["containers"][0]["args"]
+    wait_for(
+        lambda: (
+            [p["metadata"]["uid"] for p in release_pods(cluster, system, "llm-operator")]
+            == [rolled[0]["metadata"]["uid"]]
+        ),
+        60,
+        "the old operator pod to be gone",
+    )
+    assert [p["metadata"]["uid"] for p in release_pods(cluster, system, "llm-gateway")] == [
+        gateway["metadata"]["uid"]
+    ]
+    # the new operator pod acts: a spec change is reconciled
+    cluster.kubectl(
+        "patch", "llme", "smollm2", "-n", apps, "--type=merge", "-p", '{"spec":{"scaling":{"minReplicas":1}}}'
+    )
+    generation = get(cluster, "llme", "smollm2", "-n", apps)["metadata"]["generation"]
+    wait_for(
+        lambda: get(cluster, "llme", "smollm2", "-n", apps)["status"].get("observedGeneration") == generation,
+        60,
+        "the upgraded operator to reconcile the changed spec",
+    )
+
+    # uninstall: the release's objects and pods go; the CRD and the endpoints (with their children) stay
+    helm(cluster, "uninstall", RELEASE, "--namespace", system, "--wait", "--timeout=120s")
+    for kind in (
+        "deployments",
+        "services",
+        "serviceaccounts",
+        "poddisruptionbudgets",
+        "roles",
+        "rolebindings",
+    ):
+        assert not get(cluster, kind, "-n", system, "-l", INSTANCE).get("items"), kind
+    for kind in ("clusterroles", "clusterrolebindings"):
+        assert not get(cluster, kind, "-l", INSTANCE).get("items"), kind
+    wait_for(lambda: not get(cluster, "pods", "-n", system).get("items"), 60, "the release's pods to go")
+    assert get(cluster, "crd", "llmendpoints.llm-endpoints.io")
+    assert get(cluster, "llme", "smollm2", "-n", apps)
+    assert get(cluster, "deployment", "smollm2", "-n", apps)
