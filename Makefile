@@ -84,10 +84,11 @@ $(VENV)/.synced: uv.lock pyproject.toml operator/pyproject.toml serving/pyprojec
 	$(UV) sync --frozen
 	@touch $@
 
-bench: venv cluster-bin  ## Side-by-side benchmarks (serving, gateway, operator); results in bench/results/
+bench: venv cluster-bin  ## Side-by-side benchmarks (serving, gateway, wake, cold start, operator); results in bench/results/
 	$(PY) bench/serving.py
 	$(PY) bench/gateway.py
 	$(PY) bench/wake.py
+	$(PY) bench/cold_start.py
 	$(PY) bench/operator_convergence.py
 
 clean:  ## Remove the virtualenv and local caches in the clone (Go and uv caches stay)

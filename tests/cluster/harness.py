@@ -369,7 +369,8 @@ class Cluster:
     # -- configuration ---------------------------------------------------------------------------------
 
     def _write_pki(self) -> None:
-        """A CA, the apiserver's serving cert, an admin client cert and the service-account key."""
+        """A CA, the apiserver's serving cert, an admin client cert, the service-account key and an unused
+        front-proxy CA."""
         self.pki.mkdir(exist_ok=True)
         ca = trustme.CA(organization_name="llm-endpoints test cluster")
         ca.cert_pem.write_to_path(str(self.pki / "ca.crt"))
@@ -381,6 +382,9 @@ class Cluster:
         admin.cert_chain_pems[0].write_to_path(str(self.pki / "admin.crt"))
         admin.private_key_pem.write_to_path(str(self.pki / "admin.key"))
         ca.issue_cert("service-accounts").private_key_pem.write_to_path(str(self.pki / "sa.key"))
+        # a front-proxy CA that signs nothing: the apiserver wants one, and no client can use it
+        front_proxy = trustme.CA(organization_name="unused front proxy")
+        front_proxy.cert_pem.write_to_path(str(self.pki / "proxy-ca.crt"))
         self.kubeconfig.write_text(yaml.safe_dump(self._kubeconfig()))
 
     def _kubeconfig(self) -> dict[str, Any]:
@@ -429,6 +433,8 @@ class Cluster:
             f"--tls-cert-file={pki / 'apiserver.crt'}",
             f"--tls-private-key-file={pki / 'apiserver.key'}",
             f"--client-ca-file={pki / 'ca.crt'}",
+            f"--requestheader-client-ca-file={pki / 'proxy-ca.crt'}",
+            "--requestheader-allowed-names=front-proxy-client",
             f"--service-account-key-file={pki / 'sa.key'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",

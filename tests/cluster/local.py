@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -70,7 +71,7 @@ def wait_running(
         for component, process in processes.items():
             if process.poll() is not None:
                 raise HarnessError(
-                    f"the {component} exited with code {process.returncode}; see {WORKDIR}/logs"
+                    f"the {component} exited with code {process.returncode}; see {cluster.workdir}/logs"
                 )
         status = endpoint_status(cluster, name)
         ready: dict[str, str] = next(
@@ -86,7 +87,7 @@ def wait_running(
             return status
         time.sleep(1)
     raise HarnessError(
-        f"{name} was not Running after {READY_TIMEOUT:.0f}s; see {WORKDIR}/logs and {WORKDIR}/pods"
+        f"{name} was not Running after {READY_TIMEOUT:.0f}s; see {cluster.workdir}/logs and {cluster.workdir}/pods"
     )
 
 
@@ -123,6 +124,43 @@ Logs: {WORKDIR}/logs (components) and {WORKDIR}/pods (serving). Ctrl-C stops eve
 """
 
 
+@dataclass
+class LocalStack:
+    """The running local system: its control plane, the gateway's URL and the component processes."""
+
+    cluster: Cluster
+    gateway_url: str
+    processes: dict[str, subprocess.Popen[bytes]]
+
+
+@contextlib.contextmanager
+def local_stack(workdir: Path) -> Iterator[LocalStack]:
+    """Control plane, an untainted local node, the CRD, the gateway and the operator, all stopped on exit."""
+    with Cluster(workdir) as cluster:
+        cluster.start(nodes=())
+        cluster.start_node_agent("local-0", gpus=4, taint=False)
+        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+        cluster.kubectl("wait", "--for=condition=Established", "crd/llmendpoints.llm-endpoints.io")
+        port = free_port()
+        gateway_url = f"http://127.0.0.1:{port}"
+        kube = [f"--kubeconfig={cluster.kubeconfig}"]
+        python = [sys.executable, "-m"]
+        gateway_argv = [*python, "llm_operator.gateway", *kube, "--host=127.0.0.1", f"--port={port}"]
+        operator_argv = [
+            *python,
+            "llm_operator",
+            *kube,
+            "--no-leader-election",
+            f"--gateway-url={gateway_url}",
+            f"--gateway-metrics-url={gateway_url}/metrics",
+        ]
+        with (
+            background("gateway", gateway_argv, cluster.logs) as gateway,
+            background("operator", operator_argv, cluster.logs) as operator,
+        ):
+            yield LocalStack(cluster, gateway_url, {"gateway": gateway, "operator": operator})
+
+
 def main() -> int:
     """Runs the local endpoint in the foreground."""
     signal.signal(signal.SIGTERM, _interrupt)
@@ -130,39 +168,17 @@ def main() -> int:
     started = time.monotonic()
     print("make run: starting etcd, kube-apiserver, controller manager, scheduler and the local node ...")
     try:
-        with Cluster(WORKDIR) as cluster:
-            cluster.start(nodes=())
-            cluster.start_node_agent("local-0", gpus=4, taint=False)
-            print(f"make run: control plane ready in {time.monotonic() - started:.1f}s")
-            cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-            cluster.kubectl("wait", "--for=condition=Established", "crd/llmendpoints.llm-endpoints.io")
-            port = free_port()
-            gateway_url = f"http://127.0.0.1:{port}"
-            kube = [f"--kubeconfig={cluster.kubeconfig}"]
-            python = [sys.executable, "-m"]
-            gateway_argv = [*python, "llm_operator.gateway", *kube, "--host=127.0.0.1", f"--port={port}"]
-            operator_argv = [
-                *python,
-                "llm_operator",
-                *kube,
-                "--no-leader-election",
-                f"--gateway-url={gateway_url}",
-            ]
-            operator_argv.append(f"--gateway-metrics-url={gateway_url}/metrics")
-            with (
-                background("gateway", gateway_argv, cluster.logs) as gateway,
-                background("operator", operator_argv, cluster.logs) as operator,
-            ):
-                cluster.kubectl("apply", "-f", str(EXAMPLE))
-                print("make run: applied examples/smollm2.yaml; the first start loads the model ...")
-                status = wait_running(cluster, "smollm2", {"gateway": gateway, "operator": operator})
-                print(
-                    instructions(status["url"], cluster.bin_dir / "kubectl", cluster.kubeconfig), flush=True
-                )
-                while gateway.poll() is None and operator.poll() is None:
-                    time.sleep(1)
-                print(f"make run: a component exited; see {WORKDIR}/logs", file=sys.stderr)
-                return 1
+        with local_stack(WORKDIR) as stack:
+            print(f"make run: control plane, gateway and operator up in {time.monotonic() - started:.1f}s")
+            stack.cluster.kubectl("apply", "-f", str(EXAMPLE))
+            print("make run: applied examples/smollm2.yaml; the first start loads the model ...")
+            status = wait_running(stack.cluster, "smollm2", stack.processes)
+            kubectl = stack.cluster.bin_dir / "kubectl"
+            print(instructions(status["url"], kubectl, stack.cluster.kubeconfig), flush=True)
+            while all(process.poll() is None for process in stack.processes.values()):
+                time.sleep(1)
+            print(f"make run: a component exited; see {WORKDIR}/logs", file=sys.stderr)
+            return 1
     except HarnessError as error:
         print(f"make run: {error}", file=sys.stderr)
         return 1

@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from tests.cluster.harness import Cluster
+from tests.cluster.operator_support import wait_for
 
 pytestmark = pytest.mark.cluster
-T = TypeVar("T")
-
-
-def eventually(probe: Callable[[], T | None], timeout: float = 60, what: str = "condition") -> T:
-    """Polls `probe` until it returns something truthy; fails the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := probe():
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @pytest.fixture
@@ -107,13 +96,14 @@ def test_namespace_configmap_and_crd_round_trip(cluster: Cluster, api: k8s.ApiCl
     extensions = k8s.ApiextensionsV1Api(api)
     extensions.create_custom_resource_definition(crd)
     try:
-        eventually(
+        wait_for(
             lambda: any(
                 c.type == "Established" and c.status == "True"
                 for c in extensions.read_custom_resource_definition(f"widgets.{group}").status.conditions
                 or ()
             ),
-            what="the CRD to be established",
+            60,
+            "the CRD to be established",
         )
         custom = k8s.CustomObjectsApi(api)
         widget = {
@@ -150,7 +140,7 @@ def test_gpu_deployment_becomes_running_pods_on_gpu_nodes(api: k8s.ApiClient, na
         running = [p for p in pods if p.status.phase == "Running"]
         return running if len(running) == 2 else None
 
-    pods = eventually(running_pods, what="two Running GPU pods")
+    pods = wait_for(running_pods, 60, "two Running GPU pods")
     replica_sets = k8s.AppsV1Api(api).list_namespaced_replica_set(namespace).items
     assert len(replica_sets) == 1
     for pod in pods:
@@ -160,12 +150,13 @@ def test_gpu_deployment_becomes_running_pods_on_gpu_nodes(api: k8s.ApiClient, na
         assert int(node.status.allocatable["nvidia.com/gpu"]) >= 2
         assert node.metadata.labels["nvidia.com/gpu.product"]
         assert any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions)
-    deployment = eventually(
+    deployment = wait_for(
         lambda: (
             (d := k8s.AppsV1Api(api).read_namespaced_deployment("llm", namespace)).status.ready_replicas == 2
             and d
         ),
-        what="the Deployment to report 2 ready replicas",
+        60,
+        "the Deployment to report 2 ready replicas",
     )
     assert deployment.status.available_replicas == 2
 
@@ -180,7 +171,7 @@ def test_oversized_gpu_request_stays_pending_with_failed_scheduling_event(
         events = core.list_namespaced_event(namespace, field_selector="reason=FailedScheduling").items
         return events[0].message if events else None
 
-    message = eventually(scheduling_failure, what="a FailedScheduling event")
+    message = wait_for(scheduling_failure, 60, "a FailedScheduling event")
     assert "Insufficient nvidia.com/gpu" in message
     assert message.startswith("0/")
     pods = core.list_namespaced_pod(namespace, label_selector="app=huge").items
@@ -206,4 +197,4 @@ def test_deleting_an_owner_cascades_to_its_dependents(api: k8s.ApiClient, namesp
         names = {c.metadata.name for c in core.list_namespaced_config_map(namespace).items}
         return names - {"kube-root-ca.crt"} == {"bystander"}
 
-    eventually(only_bystander_left, what="the garbage collector to delete the dependents")
+    wait_for(only_bystander_left, 60, "the garbage collector to delete the dependents")

@@ -15,7 +15,7 @@ from kubernetes import client as k8s
 
 from tests.cluster.harness import Cluster
 from tests.cluster.node_agent import AGENT_PLACEMENT
-from tests.cluster.test_control_plane import eventually
+from tests.cluster.operator_support import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -82,7 +82,7 @@ def test_a_pod_runs_as_a_local_process_and_becomes_ready(
         conditions = {c.type: c.status for c in current.status.conditions or ()}
         return current if conditions.get("Ready") == "True" else None
 
-    running = eventually(ready, what="the pod to be Ready")
+    running = wait_for(ready, 60, "the pod to be Ready")
     assert running.spec.node_name == local_node
     assert running.status.phase == "Running"
     assert running.status.pod_ip.startswith("10.245.")  # its own network namespace
@@ -97,7 +97,7 @@ def test_a_pod_runs_as_a_local_process_and_becomes_ready(
 
     core.delete_namespaced_pod("web", namespace)
     process.wait(30)  # SIGTERM from the agent ends it (psutil waits on a process that is not our child)
-    eventually(lambda: not core.list_namespaced_pod(namespace).items, what="the pod object to be removed")
+    wait_for(lambda: not core.list_namespaced_pod(namespace).items, 60, "the pod object to be removed")
 
 
 def test_a_crashing_container_is_restarted_with_back_off(
@@ -110,7 +110,7 @@ def test_a_crashing_container_is_restarted_with_back_off(
         statuses = status.container_statuses or []
         return statuses[0] if statuses and statuses[0].restart_count >= 2 else None
 
-    container = eventually(restarted, what="two restarts")
+    container = wait_for(restarted, 60, "two restarts")
     assert container.last_state.terminated.exit_code == 3
     assert container.ready is False
 
@@ -128,4 +128,4 @@ def test_a_pod_acts_as_its_service_account(
     core.create_namespaced_pod(namespace, pod("who", whoami))
     log = cluster.pod_log(namespace, "who")
     expected = f"system:serviceaccount:{namespace}:default"
-    eventually(lambda: log.exists() and expected in log.read_text(), what=f"{expected} in {log}")
+    wait_for(lambda: log.exists() and expected in log.read_text(), 60, f"{expected} in {log}")

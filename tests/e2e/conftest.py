@@ -20,6 +20,7 @@ import pytest
 from tests.cluster.harness import ROOT, Cluster, die_with_parent, free_port
 from tests.cluster.node_agent import AGENT_PLACEMENT
 from tests.cluster.operator_support import OperatorProcess, install_crd, new_namespace
+from tests.cluster.pod_network import POD_RANGE
 
 # Short timings so that idling, scaling and waking fit in a test; the decisions are the production ones.
 AUTOSCALER_FLAGS = (
@@ -89,8 +90,9 @@ def start_gateway(cluster: Cluster, namespace: str, port: int) -> Process:
         sys.executable, "-m", "llm_operator.gateway",
         f"--kubeconfig={cluster.kubeconfig}",
         f"--namespace={namespace}",
-        "--host=127.0.0.1",
+        "--host=0.0.0.0",  # pods reach it at the host side of their veth
         f"--port={port}",
+        f"--internal-cidr={POD_RANGE}",  # the pods' network only: the tests' own calls come from outside
         "--max-held=3",
         "--hold-timeout=180",
         "--keepalive-seconds=1",

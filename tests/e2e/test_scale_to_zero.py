@@ -11,6 +11,7 @@ import base64
 import itertools
 import json
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,10 +19,12 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from huggingface_hub import InferenceClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_operator.gateway.coldstart import PHASES
+from tests.cluster.node_agent import AGENT_PLACEMENT
 from tests.cluster.operator_support import get, kubectl_apply, wait_for
 from tests.e2e.conftest import Stack
 
@@ -178,6 +181,74 @@ def test_5_protected_endpoint_needs_its_token(running: Stack) -> None:
     wait_for(lambda: httpx.post(generate, json=body, timeout=300).status_code == 200, 60, "public again")
 
 
+CALLER = """
+import socket, struct, sys, time, urllib.error, urllib.request
+with open("/proc/net/route") as table:  # the default route leads to the host, where the gateway listens
+    via = next(int(r.split()[2], 16) for r in list(table)[1:] if r.split()[1] == "00000000")
+host = socket.inet_ntoa(struct.pack("<L", via))
+request = urllib.request.Request(
+    f"http://{host}:{sys.argv[1]}{sys.argv[2]}", sys.argv[3].encode(), {"content-type": "application/json"}
+)
+try:
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        print("answered", answer.status, flush=True)
+except urllib.error.HTTPError as refused:
+    print("answered", refused.code, flush=True)
+time.sleep(3600)  # stay up: the node agent restarts containers that exit
+"""
+
+
+def call_from_a_pod(stack: Stack, path: str, body: dict[str, Any]) -> int:
+    """POST through the gateway from a pod on the local node (inside the cluster network): the status."""
+    port = stack.gateway.rsplit(":", 1)[1]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "caller", "namespace": stack.namespace},
+        "spec": {
+            **AGENT_PLACEMENT,
+            "automountServiceAccountToken": False,
+            "containers": [
+                {
+                    "name": "caller",
+                    "image": "python",
+                    "command": [sys.executable, "-c", CALLER, port, path, json.dumps(body)],
+                }
+            ],
+        },
+    }
+    kubectl_apply(stack.cluster, pod)
+    log = stack.cluster.pod_log(stack.namespace, "caller", "caller")
+
+    def answered() -> str | None:
+        text = log.read_text() if log.exists() else ""
+        return next((line for line in text.splitlines() if line.startswith("answered")), None)
+
+    try:
+        line = wait_for(answered, 180, "the in-cluster caller's answer")
+    finally:
+        stack.cluster.kubectl("delete", "pod", "caller", "-n", stack.namespace, "--wait=false")
+    return int(line.split()[1])
+
+
+def test_5b_private_endpoint_answers_inside_the_cluster_network_only(running: Stack) -> None:
+    kubectl_apply(running.cluster, running.endpoint(NAME, access="private"))
+    path = f"/endpoints/{running.namespace}/{NAME}/generate"
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
+
+    def refused_outside() -> httpx.Response | None:
+        answer = httpx.post(running.gateway + path, json=body, timeout=300)
+        return answer if answer.status_code == 403 else None
+
+    refused = wait_for(refused_outside, 60, "the gateway to refuse callers outside the cluster network")
+    assert refused.json()["error_type"] == "forbidden"
+    assert call_from_a_pod(running, path, body) == 200
+    kubectl_apply(running.cluster, running.endpoint(NAME))
+    wait_for(
+        lambda: httpx.post(running.gateway + path, json=body, timeout=300).status_code == 200, 60, "public"
+    )
+
+
 def test_6_load_scales_out_and_back_with_streams_intact(running: Stack) -> None:
     results: list[tuple[list[str], Any]] = []
     stop = threading.Event()
@@ -194,6 +265,10 @@ def test_6_load_scales_out_and_back_with_streams_intact(running: Stack) -> None:
         wait_for(
             lambda: (deployment(running)["status"].get("readyReplicas") or 0) == 2, 300, "2 ready replicas"
         )
+        # what the user applied is untouched by autoscaling: Argo CD and Flux see no drift
+        applied = yaml.safe_dump(running.endpoint(NAME))
+        diff = running.cluster.kubectl("diff", "-f", "-", input=applied, check=False)
+        assert (diff.returncode, diff.stdout) == (0, "")
     finally:
         stop.set()
         for worker in workers:

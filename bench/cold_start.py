@@ -1,0 +1,103 @@
+"""Cold-start breakdown of the local example: `make run`'s SmolLM2 endpoint woken from zero, several times.
+
+Starts the same local system as `make run` (control plane, local node agent, operator, gateway), applies
+examples/smollm2.yaml and waits until it is Running. Then, each round: scale the Deployment to zero and wait
+until no pod is left, send one request through the gateway (huggingface_hub's InferenceClient, 8 new tokens)
+and read the gateway's `llm_gateway_cold_start_seconds{phase}` for that wake. Prints each phase's mean, min
+and max in seconds since the request arrived, with the client's own total; writes
+bench/results/cold_start.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from huggingface_hub import InferenceClient
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llm_operator.gateway.coldstart import PHASES  # noqa: E402
+from tests.cluster.local import EXAMPLE, local_stack, wait_running  # noqa: E402
+
+WORKDIR = ROOT / ".cache" / "bench-cold-start"
+RESULTS = ROOT / "bench" / "results" / "cold_start.json"
+ROUNDS = 3
+NAME = "smollm2"
+
+
+def phase_sums(gateway_url: str) -> dict[str, float]:
+    """Sum of observed seconds per cold-start phase of the endpoint, as the gateway exports them."""
+    text = httpx.get(f"{gateway_url}/metrics", timeout=10).text
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "llm_gateway_cold_start_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_sum") and sample.labels.get("endpoint") == NAME:
+                    sums[sample.labels["phase"]] = sample.value
+    return sums
+
+
+def wait(condition: Callable[[], bool], what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"not within {timeout:.0f}s: {what}")
+
+
+def main() -> int:
+    shutil.rmtree(WORKDIR, ignore_errors=True)
+    rounds: list[dict[str, float]] = []
+    with local_stack(WORKDIR) as stack:
+        cluster = stack.cluster
+        cluster.kubectl("apply", "-f", str(EXAMPLE))
+        status = wait_running(cluster, NAME, stack.processes)
+        client = InferenceClient(status["url"], timeout=600)
+        client.text_generation("Hello", max_new_tokens=1)  # warm caches (page cache, imports) once
+
+        def no_pods() -> bool:
+            listed = cluster.kubectl("get", "pods", "-l", f"llm-endpoints.io/endpoint={NAME}", "-o", "name")
+            return not listed.stdout.strip()
+
+        for number in range(1, ROUNDS + 1):
+            cluster.kubectl("scale", "deployment", NAME, "--replicas=0")
+            wait(no_pods, "the endpoint's pods to be gone")
+            before = phase_sums(stack.gateway_url)
+            started = time.monotonic()
+            client.text_generation("Once upon a time,", max_new_tokens=8)
+            total = time.monotonic() - started
+
+            def recorded(seen: float = before.get("first_byte", 0.0)) -> bool:
+                return phase_sums(stack.gateway_url).get("first_byte", 0.0) > seen
+
+            wait(recorded, "this wake's breakdown", 30)
+            after = phase_sums(stack.gateway_url)
+            this = {p: after[p] - before.get(p, 0.0) for p in PHASES}
+            this["client_total"] = total
+            rounds.append(this)
+            print(f"round {number}: " + ", ".join(f"{k} {v:.2f}s" for k, v in this.items()), flush=True)
+
+    print(f"\ncold start of the local example ({ROUNDS} wakes, seconds since the request arrived)")
+    print(f"{'phase':<16}{'mean':>8}{'min':>8}{'max':>8}")
+    summary = {}
+    for phase in [*PHASES, "client_total"]:
+        values = [r[phase] for r in rounds]
+        summary[phase] = {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
+        print(f"{phase:<16}{summary[phase]['mean']:>8.2f}{min(values):>8.2f}{max(values):>8.2f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"rounds": rounds, "summary": summary}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
