@@ -6,6 +6,7 @@ package's loaders; the same credentials log kopf in, so the watches and the writ
 
 from __future__ import annotations
 
+import argparse
 import json
 import ssl
 from dataclasses import dataclass
@@ -35,6 +36,22 @@ PLURALS = {
 }
 REQUESTS = Counter("llm_operator_api_requests_total", "Requests to the API server", ["method", "code"])
 TOKEN_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+def add_cluster_flags(parser: argparse.ArgumentParser, namespace_help: str) -> None:
+    """--kubeconfig, --context and the repeatable -n/--namespace (into `namespaces`) of both commands."""
+    parser.add_argument(
+        "--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)"
+    )
+    parser.add_argument("--context", help="kubeconfig context")
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        dest="namespaces",
+        help=f"{namespace_help} (repeatable; default: all namespaces)",
+    )
 
 
 @dataclass(frozen=True)

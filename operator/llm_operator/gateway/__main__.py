@@ -17,7 +17,7 @@ from llm_operator.gateway.app import Gateway, GatewaySettings
 from llm_operator.gateway.auth import DEFAULT_INTERNAL_CIDRS, AccessPolicy
 from llm_operator.gateway.hold import HoldLimits
 from llm_operator.gateway.watch import ClusterWatcher, PodReader, ScaleWaker
-from llm_operator.kube import Credentials, Kube
+from llm_operator.kube import Credentials, Kube, add_cluster_flags
 
 log = logging.getLogger("llm_operator.gateway")
 
@@ -25,16 +25,7 @@ log = logging.getLogger("llm_operator.gateway")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     hold, gateway = HoldLimits(), GatewaySettings()
     p = argparse.ArgumentParser(prog="python -m llm_operator.gateway", description=__doc__)
-    p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
-    p.add_argument("--context", help="kubeconfig context")
-    p.add_argument(
-        "-n",
-        "--namespace",
-        action="append",
-        default=[],
-        dest="namespaces",
-        help="serve only this namespace's endpoints (repeatable; default: all namespaces)",
-    )
+    add_cluster_flags(p, "serve only this namespace's endpoints")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument(
