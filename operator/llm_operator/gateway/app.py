@@ -172,7 +172,9 @@ class Gateway:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+                # Idle upstream connections are kept for 4 s, under uvicorn's 5 s keep-alive on the
+                # replicas, so a request is not sent on a connection the replica is closing.
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=4.0),
                 timeout=aiohttp.ClientTimeout(total=None, connect=self.settings.connect_timeout),
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
