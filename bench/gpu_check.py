@@ -224,7 +224,9 @@ def free_port() -> int:
         return port
 
 
-def start_server(model_dir: Path, max_new: int, log_path: Path) -> tuple[subprocess.Popen[bytes], str, float]:
+def start_server(
+    model_dir: Path, max_new: int, log_path: Path, dtype: str = "auto"
+) -> tuple[subprocess.Popen[bytes], str, float]:
     port = free_port()
     cmd = [
         sys.executable,
@@ -242,6 +244,8 @@ def start_server(model_dir: Path, max_new: int, log_path: Path) -> tuple[subproc
         str(256 + max_new),
         "--max-batch-size",
         "64",
+        "--dtype",
+        dtype,
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "serving"), env.get("PYTHONPATH")) if p)
@@ -558,9 +562,97 @@ def full(a: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _step_ms(model: Any, batch: int, padded: bool, steps: int) -> float:
+    """Median wall time of one engine decode step (ModelRunner.execute, logits copied to the CPU)."""
+    import torch
+
+    from llm_serving.engine.runner import ModelRunner, StepPlan
+
+    rng = random.Random(batch)
+    lens = [rng.randrange(20, 60) if padded else 40 for _ in range(batch)]
+    prompts = tuple(tuple(rng.randrange(100, 40000) for _ in range(n)) for n in lens)
+    runner = ModelRunner(model)
+    runner.execute(StepPlan(keep=(), decode_tokens=(), prompts=prompts, prompt_logprobs=(False,) * batch))
+    plan = StepPlan(keep=tuple(range(batch)), decode_tokens=(5,) * batch, prompts=(), prompt_logprobs=())
+    times = []
+    for _ in range(steps + 2):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        runner.execute(plan)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return sorted(times[2:])[len(times[2:]) // 2]
+
+
+def diag(a: argparse.Namespace) -> int:
+    """Where a decode step's time goes (batch size, left padding, attention kernel), and whether a
+    float32 server gives equal tokens alone and batched."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from llm_serving.engine.runner import ModelRunner, StepPlan
+    from llm_serving.loading import load, resolve
+
+    out: Path = a.out
+    results: dict[str, Any] = {"steps": {}}
+    if not (a.model_dir / "config.json").is_file():
+        results["model"] = build_model(a.model_dir, a.tokenizer, a)
+    device = "cuda:0" if torch.cuda.is_available() else None
+    model, _ = load(resolve(str(a.model_dir)), "auto", device=device)
+    results["dtype"] = str(next(model.parameters()).dtype)
+    results["attn_implementation"] = model.config._attn_implementation
+    for attn in ("sdpa", "eager"):
+        try:
+            model.set_attn_implementation(attn)
+        except Exception as exc:
+            results["steps"][attn] = f"{type(exc).__name__}: {exc}"
+            continue
+        for batch in a.concurrency:
+            for padded in (False, True):
+                ms = _step_ms(model, batch, padded, a.diag_steps)
+                key = f"{attn} batch {batch} {'padded' if padded else 'same length'}"
+                results["steps"][key] = ms
+                log(f"decode step, {key}: {ms:.2f} ms")
+        write_json(out / "diag.json", results)
+    model.set_attn_implementation(results["attn_implementation"])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device else [])
+    batch = max(a.concurrency)
+    lens = [20 + (i * 7) % 40 for i in range(batch)]
+    runner = ModelRunner(model)
+    prompts = tuple(tuple(range(100, 100 + n)) for n in lens)
+    runner.execute(StepPlan(keep=(), decode_tokens=(), prompts=prompts, prompt_logprobs=(False,) * batch))
+    plan = StepPlan(keep=tuple(range(batch)), decode_tokens=(5,) * batch, prompts=(), prompt_logprobs=())
+    runner.execute(plan)
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            runner.execute(plan)
+    sort = "self_cuda_time_total" if device else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=20)
+    table_cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=20)
+    (out / "profile.txt").write_text(f"3 decode steps, batch {batch}, padded\n\n{table}\n\n{table_cpu}\n")
+    print(table, flush=True)
+    del model, runner
+    if device:
+        torch.cuda.empty_cache()
+    if a.eq_dtypes:
+        for dtype in a.eq_dtypes.split(","):
+            proc, url, _ = start_server(a.model_dir, a.max_new_tokens, out / f"server-{dtype}.log", dtype)
+            try:
+                eq = batching_equivalence(url, a.eq_requests, a.max_new_tokens)
+                results[f"batching_equivalence_{dtype}"] = eq
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+            write_json(out / "diag.json", results)
+    write_json(out / "diag.json", results)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["probe", "full"])
+    p.add_argument("stage", choices=["probe", "full", "diag"])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tag", default="local", help="probe: name of the transformers under test")
     p.add_argument("--tokenizer", type=Path, default=ROOT / ".cache/serving-tests/tokenizer-smollm2-0.1.2")
@@ -575,12 +667,16 @@ def main() -> int:
     p.add_argument("--eq-requests", type=int, default=12)
     p.add_argument("--sequential-requests", type=int, default=8)
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[16, 32, 64])
+    p.add_argument("--diag-steps", type=int, default=10)
+    p.add_argument("--eq-dtypes", default="float32", help="diag: server dtypes for the alone/batched check")
     p.add_argument("--no-baselines", dest="baselines", action="store_false")
     p.add_argument("--budget-s", type=float, default=240, help="skip optional parts past this")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if a.stage == "probe":
         return probe(a.out, a.tag)
+    if a.stage == "diag":
+        return diag(a)
     return full(a)
 
 

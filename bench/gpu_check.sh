@@ -41,19 +41,25 @@ if [ -d "$WHL" ]; then
   BASE="$BASE:$SITE/base"
 fi
 
-echo "== probe: engine steps vs model.generate, the interpreter's own transformers"
-PYTHONPATH="$BASE" $PY bench/gpu_check.py probe --out "$OUT" --tag own
-own=$?
+STAGE=${STAGE:-full}  # full, or diag (step timings, profile, float32 alone/batched)
+own=0
+if [ -z "${SKIP_PROBES:-}" ]; then
+  echo "== probe: engine steps vs model.generate, the interpreter's own transformers"
+  PYTHONPATH="$BASE" $PY bench/gpu_check.py probe --out "$OUT" --tag own
+  own=$?
+fi
 main_path="$BASE"
-if [ -n "$TF" ]; then
+if [ -n "$TF" ] && [ -n "${SKIP_PROBES:-}" ]; then
+  main_path="$TF$BASE"
+elif [ -n "$TF" ]; then
   echo "== probe: the same with the transformers uv.lock pins (carried)"
   PYTHONPATH="$TF$BASE" $PY bench/gpu_check.py probe --out "$OUT" --tag pinned
   pinned=$?
   # The full check runs on whichever transformers the engine is right with (the pinned one first).
   if [ $pinned -eq 0 ] || [ $own -ne 0 ]; then main_path="$TF$BASE"; fi
 fi
-echo "== full check (PYTHONPATH=$main_path)"
-PYTHONPATH="$main_path" $PY bench/gpu_check.py full --out "$OUT" --tokenizer "$TOK" "$@"
+echo "== $STAGE (PYTHONPATH=$main_path)"
+PYTHONPATH="$main_path" $PY bench/gpu_check.py "$STAGE" --out "$OUT" --tokenizer "$TOK" "$@"
 rc=$?
 echo "== exit $rc"
 exit $rc
