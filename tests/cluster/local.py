@@ -86,9 +86,8 @@ def wait_running(
         if status.get("phase") == "Running":
             return status
         time.sleep(1)
-    raise HarnessError(
-        f"{name} was not Running after {READY_TIMEOUT:.0f}s; see {cluster.workdir}/logs and {cluster.workdir}/pods"
-    )
+    where = cluster.workdir
+    raise HarnessError(f"{name} not Running after {READY_TIMEOUT:.0f}s; see {where}/logs and {where}/pods")
 
 
 def instructions(url: str, kubectl: Path, kubeconfig: Path) -> str:

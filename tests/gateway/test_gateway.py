@@ -263,6 +263,8 @@ async def test_held_stream_timeout_ends_with_an_sse_error_event(rig: Rig) -> Non
     assert answer.status_code == 200
     last = answer.content.strip().split(b"\n\n")[-1]
     assert json.loads(last.removeprefix(b"data: "))["error_type"] == "scale_up_timeout"
+    metrics = generate_latest(rig.gateway.metrics.registry).decode()
+    assert 'llm_gateway_requests_total{code="503",endpoint="falcon",namespace="ml"} 1.0' in metrics
 
 
 async def test_deleted_while_held_is_a_404(rig: Rig) -> None:

@@ -406,10 +406,12 @@ class _Exchange:
         await self.send(message)
 
     async def fail(self, status: int, message: str, error_type: str, headers: dict[str, str]) -> None:
+        """Answer an error: a response of its own, or the error event that ends a held SSE stream (counted
+        with the status it would have had)."""
+        self.status = status
         if self.sse:
             await self._body(b"data: " + error_body(message, error_type) + b"\n\n", more=False)
             return
-        self.status = status
         await _respond(self.send, status, error_body(message, error_type), headers)
 
     async def relay(self, upstream: aiohttp.ClientResponse) -> None:
