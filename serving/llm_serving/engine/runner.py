@@ -5,6 +5,7 @@ Every rank executes the same `StepPlan`; under tensor parallelism rank 0 broadca
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -34,10 +35,25 @@ class StepLogits:
     prompt_logprobs: tuple[list[float] | None, ...]
 
 
+def check_cache_argument(model: Any) -> None:
+    """The runner hands its KV cache over as `cache=` (transformers >= 5.23). Older releases call it
+    `past_key_values` and take `cache=` silently into `**kwargs`: the model would then build a cache of its
+    own and every decode step would see only its new token (wrong tokens, no error). Refuse that here."""
+    parameters = inspect.signature(model.forward).parameters
+    if "cache" not in parameters and "past_key_values" in parameters:
+        import transformers
+
+        raise RuntimeError(
+            f"{type(model).__name__}.forward has no `cache` argument (transformers "
+            f"{transformers.__version__}); llm_serving needs transformers >= 5.23"
+        )
+
+
 class ModelRunner:
     """Owns the model and the running batch's KV cache on one rank."""
 
     def __init__(self, model: Any, broadcast: Callable[[StepPlan | None], None] | None = None) -> None:
+        check_cache_argument(model)
         self.model = model
         self.device = next(model.parameters()).device
         self.batch: Batch | None = None
