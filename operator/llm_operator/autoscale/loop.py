@@ -3,12 +3,14 @@
 Metrics come from the gateways' `/metrics` (static URLs, or the ready gateway pods found by label) or from a
 Prometheus server's `/api/v1/query`. Writes: only the Deployment's `scale` subresource (as the autoscaler's
 field manager, guarded by the Deployment's resourceVersion) and the endpoint's `status.lastRequestTime`.
-Runs in the operator while its replica leads (`run_autoscaler(..., leading=controller.leading)`).
+Runs in the operator while its replica leads (`run_autoscaler(..., leading=controller.leading)`). A tick
+whose read fails (a gateway or Prometheus not answering, a gateway target down) changes no replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
@@ -34,6 +36,9 @@ UrlLister = Callable[[], Awaitable[list[str]]]
 Manifest = dict[str, Any]
 log = logging.getLogger("llm_operator.autoscale")
 SCALINGS = Counter("llm_operator_autoscaler_scalings", "Replica changes written", ["direction"])
+READ_FAILURES = Counter(
+    "llm_operator_autoscaler_metrics_read_failures", "Ticks whose request metrics could not be read"
+)
 
 
 @dataclass(frozen=True)
@@ -119,28 +124,80 @@ def gateway_pod_urls(kube: Kube, namespace: str, labels: Mapping[str, str], port
     return found
 
 
+GATEWAY_SELECTOR = 'job=~".*gateway.*"'
+"""Label matchers of the gateways' scrape targets in Prometheus (the chart's ServiceMonitor names the job
+after the gateway Service, `<release>-gateway`)."""
+
+
+def gateway_series(metric: str, selector: str = GATEWAY_SELECTOR) -> str:
+    """PromQL for a gateway metric with the gateway's own `namespace` and `endpoint` labels.
+
+    Without `honor_labels`, Prometheus keeps a scrape target's labels and renames clashing ones from the
+    scraped series to `exported_<name>`: the Prometheus Operator gives every target `namespace` (the
+    gateway's) and `endpoint` (the port name), so the endpoint's labels arrive as `exported_namespace` and
+    `exported_endpoint`. Copying those back makes the queries right with `honor_labels` on or off.
+    """
+    expression = f"{metric}{{{selector}}}"
+    for label in ("namespace", "endpoint"):
+        expression = f'label_replace({expression}, "{label}", "$1", "exported_{label}", "(.+)")'
+    return expression
+
+
 @dataclass(frozen=True)
 class PrometheusSource:
-    """Read the gateways' metrics through a Prometheus server's HTTP API."""
+    """Read the gateways' metrics through a Prometheus server's HTTP API (`/api/v1/query`).
+
+    In flight: the latest scraped value summed over gateway replicas (the decision averages its own samples
+    over the window, as with `GatewaySource`); last request: the latest over gateway replicas. The reading
+    is refused (like `GatewaySource` when one gateway does not answer) when Prometheus scrapes no gateway or
+    cannot scrape one (`up == 0`): missing series must not read as "no requests".
+    """
 
     base_url: str
+    selector: str = GATEWAY_SELECTOR
+    """Label matchers picking the gateways' targets, e.g. `job="llm-endpoints-gateway"`."""
 
-    async def _query(self, session: aiohttp.ClientSession, query: str) -> dict[Key, float]:
-        async with session.get(
-            f"{self.base_url.rstrip('/')}/api/v1/query", params={"query": query}
-        ) as answer:
-            answer.raise_for_status()
-            body = await answer.json()
-        if body.get("status") != "success":
-            raise ValueError(f"prometheus: {body.get('error', body)}")
+    async def _query(self, session: aiohttp.ClientSession, query: str) -> list[dict[str, Any]]:
+        url = f"{self.base_url.rstrip('/')}/api/v1/query"
+        async with session.get(url, params={"query": query}) as answer:
+            text = await answer.text()
+            status = answer.status
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or status != 200 or body.get("status") != "success":
+            detail = (
+                f"{body.get('errorType', 'error')}: {body.get('error')}"
+                if isinstance(body, dict) and body.get("error")
+                else text.strip()[:200] or "empty answer"
+            )
+            raise ValueError(f"prometheus {url} answered HTTP {status} to {query!r}: {detail}")
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    async def _by_endpoint(self, session: aiohttp.ClientSession, query: str) -> dict[Key, float]:
         return {
             (r["metric"].get("namespace", ""), r["metric"].get("endpoint", "")): float(r["value"][1])
-            for r in body["data"]["result"]
+            for r in await self._query(session, query)
         }
 
     async def read(self, session: aiohttp.ClientSession) -> dict[Key, Reading]:
-        in_flight = await self._query(session, f"sum by (namespace, endpoint) ({IN_FLIGHT})")
-        last = await self._query(session, f"max by (namespace, endpoint) ({LAST_REQUEST})")
+        up = await self._query(session, f"up{{{self.selector}}}")
+        if not up:
+            raise ValueError(
+                f"prometheus {self.base_url} scrapes no gateway (no series up{{{self.selector}}})"
+            )
+        if down := sorted(r["metric"].get("instance", "?") for r in up if float(r["value"][1]) != 1):
+            raise ValueError(
+                f"prometheus {self.base_url} cannot scrape gateway(s) {', '.join(down)} (up == 0)"
+            )
+        in_flight = await self._by_endpoint(
+            session, f"sum by (namespace, endpoint) ({gateway_series(IN_FLIGHT, self.selector)})"
+        )
+        last = await self._by_endpoint(
+            session, f"max by (namespace, endpoint) ({gateway_series(LAST_REQUEST, self.selector)})"
+        )
         return {k: Reading(in_flight.get(k, 0.0), last.get(k)) for k in in_flight.keys() | last.keys()}
 
 
@@ -190,7 +247,12 @@ class Autoscaler:
         try:
             readings: dict[Key, Reading] | None = await self.source.read(session)
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, OperatorError) as error:
-            log.warning("request metrics unavailable this tick: %s", error)
+            READ_FAILURES.inc()
+            log.warning(
+                "request metrics unavailable, every endpoint keeps its replicas this tick: %s: %s",
+                type(error).__name__,
+                error,
+            )
             readings = None
         endpoints = await self._list(API_VERSION, KIND)
         deployments = {
@@ -211,7 +273,7 @@ class Autoscaler:
                 endpoint = LLMEndpoint.model_validate(body)
             except pydantic.ValidationError:
                 continue
-            decisions[key] = await self._act(endpoint, deployment, reading, now)
+            decisions[key] = await self._act(endpoint, deployment, reading, now, fresh=readings is not None)
         for gone in self.history.keys() - seen:
             del self.history[gone]
         return decisions
@@ -240,8 +302,10 @@ class Autoscaler:
         return max([self.started, *(t for t in map(_unix, moments) if t is not None)])
 
     async def _act(
-        self, endpoint: LLMEndpoint, deployment: Manifest, reading: Reading, now: float
+        self, endpoint: LLMEndpoint, deployment: Manifest, reading: Reading, now: float, *, fresh: bool
     ) -> Decision:
+        """Decide and write; without a `fresh` reading the decision sees no samples, so it keeps the count
+        (missing metrics are never read as an idle endpoint)."""
         meta = endpoint.metadata
         key = (meta.namespace, meta.name)
         status_last = (
@@ -249,9 +313,10 @@ class Autoscaler:
         )
         last = max((t for t in (reading.last_request, status_last) if t is not None), default=None)
         current = int(deployment.get("spec", {}).get("replicas", 1))
-        window = Window(tuple(self.history.get(key, ())), last, self._idle_since(deployment, current, now))
+        samples = tuple(self.history.get(key, ())) if fresh else ()
+        window = Window(samples, last, self._idle_since(deployment, current, now))
         decision = desired_replicas(
-            window, Policy.from_spec(endpoint.spec.scaling), current, now, self.settings.tuning
+            window, Policy.from_spec(endpoint.spec), current, now, self.settings.tuning
         )
         ref = {"namespace": meta.namespace, "endpoint": meta.name}
         if decision.replicas != current:
