@@ -63,7 +63,13 @@ def pick_dtype(name: str) -> torch.dtype | str:
 def load(
     source: ModelSource, dtype: str = "auto", tp_size: int = 1, device: str | None = None
 ) -> tuple[Any, Any]:
-    """Load (model, tokenizer); with `tp_size` > 1 the model is sharded with its tensor-parallel plan."""
+    """Load (model, tokenizer); with `tp_size` > 1 the model is sharded with its tensor-parallel plan.
+
+    On CUDA, attention runs on PyTorch's flash and memory-efficient kernels, not cuDNN's, whose decode steps
+    of a continuous batch took 52-74 ms where these take 11-16 ms (H200, bf16;
+    bench/results/gpu_check-h200-no-cudnn.json)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
     common: dict[str, Any] = {"revision": source.revision, "token": source.token}
     if source.gguf_file is not None:
         common["gguf_file"] = source.gguf_file
