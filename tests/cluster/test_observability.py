@@ -91,3 +91,13 @@ def test_every_alert_names_an_exported_metric(cluster: Cluster) -> None:
     names = queried(alerts.values())
     assert names == {"llm_endpoint_degraded", "llm_gateway_requests_total", "tgi_queue_size"}
     assert names - exported() == set()
+
+
+def test_the_service_monitor_keeps_the_endpoint_labels(cluster: Cluster) -> None:
+    """Alerts and dashboard group by the endpoint's `namespace` and `endpoint` labels, which the gateway and
+    the operator set on their series: Prometheus must keep them, not replace them with the target's."""
+    rendered = helm(
+        cluster, "template", "rel", str(CHART), "--set", "metrics.serviceMonitor.enabled=true"
+    ).stdout
+    monitor = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "ServiceMonitor")
+    assert [e.get("honorLabels") for e in monitor["spec"]["endpoints"]] == [True, True]
