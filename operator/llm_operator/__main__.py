@@ -26,7 +26,7 @@ from llm_operator.autoscale.loop import (
 )
 from llm_operator.controller import Controller
 from llm_operator.handlers import build_registry
-from llm_operator.kube import Credentials, Kube
+from llm_operator.kube import Credentials, Kube, add_cluster_flags
 from llm_operator.leader import LeaderElector
 from llm_operator.settings import GATEWAY_LABELS, Settings
 
@@ -36,16 +36,7 @@ log = logging.getLogger("llm_operator")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     defaults = Settings()
     p = argparse.ArgumentParser(prog="python -m llm_operator", description=__doc__)
-    p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
-    p.add_argument("--context", help="kubeconfig context")
-    p.add_argument(
-        "-n",
-        "--namespace",
-        action="append",
-        default=[],
-        dest="namespaces",
-        help="watch only this namespace (repeatable; default: all namespaces)",
-    )
+    add_cluster_flags(p, "watch only this namespace")
     p.add_argument("--image", default=defaults.image, help="default serving image")
     p.add_argument("--gateway-url", default=defaults.gateway_url, help="base URL of the gateway")
     p.add_argument(
