@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 import yaml
@@ -89,7 +92,12 @@ def test_every_alert_names_an_exported_metric(cluster: Cluster) -> None:
     alerts = {r["alert"]: r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]}
     assert set(alerts) == {"LLMEndpointDegraded", "LLMEndpointWakeFailures", "LLMEndpointQueueGrowing"}
     names = queried(alerts.values())
-    assert names == {"llm_endpoint_degraded", "llm_gateway_requests_total", "tgi_queue_size"}
+    assert names == {
+        "llm_endpoint_degraded",
+        "llm_endpoint_phase",
+        "llm_gateway_requests_total",
+        "tgi_queue_size",
+    }
     assert names - exported() == set()
 
 
@@ -101,3 +109,38 @@ def test_the_service_monitor_keeps_the_endpoint_labels(cluster: Cluster) -> None
     ).stdout
     monitor = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "ServiceMonitor")
     assert [e.get("honorLabels") for e in monitor["spec"]["endpoints"]] == [True, True]
+
+
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__range": "1h", "$namespace": ".*", "$endpoint": ".*"}
+
+
+def test_every_query_parses_as_promql(cluster: Cluster, tmp_path: Path) -> None:
+    """promtool (Prometheus's own parser, from Debian's prometheus package) checks the alert rules as the
+    chart renders them, and each dashboard query as a recording rule, Grafana's variables filled in."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: run `make system-packages` (Debian's prometheus package)"
+    rendered = helm(
+        cluster, "template", "rel", str(CHART), "--set", "metrics.prometheusRule.enabled=true"
+    ).stdout
+    rule = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "PrometheusRule")
+    recorded = []
+    for number, expr in enumerate(dashboard_expressions()):
+        for variable, value in GRAFANA_VARIABLES.items():
+            expr = expr.replace(variable, value)
+        recorded.append({"record": f"dashboard:query_{number}", "expr": expr})
+    groups = [*rule["spec"]["groups"], {"name": "dashboard", "rules": recorded}]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": groups}))
+    checked = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(rule['spec']['groups'][0]['rules']) + len(recorded)} rules found" in checked.stdout
+
+
+def test_promtool_refuses_a_broken_query(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: run `make system-packages` (Debian's prometheus package)"
+    rules = tmp_path / "rules.yaml"
+    broken = {"record": "x:y", "expr": "sum by (namespace (llm_gateway_requests_in_flight)"}
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "g", "rules": [broken]}]}))
+    checked = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
+    assert checked.returncode != 0
