@@ -59,6 +59,9 @@ def build_registry(controller: Controller, credentials: Credentials) -> kopf.Ope
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.enabled = False  # Events are posted by reconcile, on phase changes only
+        # The chart grants no reads of CRDs or Namespaces (least privilege): without this, kopf retries
+        # those scans for about a minute of 403s before it falls back to what it found at start anyway.
+        settings.scanning.disabled = True
         settings.watching.server_timeout = 600
         settings.watching.client_timeout = 630
         settings.networking.connect_timeout = 10
