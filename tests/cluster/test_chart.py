@@ -14,6 +14,8 @@ import psutil
 import pytest
 import yaml
 
+from llm_operator.gateway.__main__ import parse_args, settings_from
+from llm_operator.gateway.auth import from_inside
 from tests.cluster.harness import ROOT, Cluster, pod_processes
 from tests.cluster.node_agent import AGENT_PLACEMENT
 from tests.cluster.operator_support import EXAMPLES, get, install_crd, new_namespace, wait_for
@@ -86,6 +88,7 @@ def test_pods_meet_the_restricted_pod_security_standard(cluster: Cluster) -> Non
         ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
         ("watchNamespaces={Bad_Name}", "/watchNamespaces/0"),
         ("gateway.service.port=70000", "/gateway/service/port"),
+        ("gateway.internalCIDRs={10.0.0.0}", "/gateway/internalCIDRs/0"),
     ],
 )
 def test_a_wrong_value_fails_with_a_message_naming_it(cluster: Cluster, value: str, field: str) -> None:
@@ -93,6 +96,32 @@ def test_a_wrong_value_fails_with_a_message_naming_it(cluster: Cluster, value: s
     assert result.returncode != 0
     assert "values don't meet the specifications of the schema" in result.stderr
     assert field in result.stderr
+
+
+def test_the_gateway_access_values_reach_its_policy(cluster: Cluster) -> None:
+    """gateway.internalCIDRs and trustForwardedHeaders become flags that decide who counts as inside."""
+    rendered = helm(
+        cluster,
+        "template",
+        "rel",
+        str(CHART),
+        "--set",
+        "gateway.internalCIDRs={10.1.0.0/16}",
+        "--set",
+        "gateway.trustForwardedHeaders=true",
+    ).stdout
+    gateway = next(
+        d
+        for d in yaml.safe_load_all(rendered)
+        if d and d["kind"] == "Deployment" and "gateway" in d["metadata"]["name"]
+    )
+    args = gateway["spec"]["template"]["spec"]["containers"][0]["args"]
+    policy = settings_from(parse_args(args)).access
+    assert policy.is_internal("10.1.2.3")
+    assert not policy.is_internal("10.2.0.1")
+    assert not policy.is_internal("127.0.0.1")  # the defaults are replaced, not extended
+    assert from_inside(policy, "10.1.0.9", {"x-forwarded-for": "10.1.0.7"})
+    assert not from_inside(policy, "10.1.0.9", {"x-forwarded-for": "203.0.113.5"})
 
 
 @pytest.fixture
