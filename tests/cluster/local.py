@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
-from tests.cluster.harness import ROOT, Cluster, HarnessError, die_with_parent, free_port
+from tests.cluster.harness import ROOT, Cluster, HarnessError
+from tests.cluster.operator_support import ComponentProcess, GatewayProcess
 
 WORKDIR = ROOT / ".cache" / "run"
 EXAMPLE = ROOT / "examples" / "smollm2.yaml"
@@ -34,45 +33,18 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-@contextlib.contextmanager
-def background(name: str, argv: list[str], logs: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A child process of ours, logging to logs/<name>.log, stopped on exit (and killed if we die)."""
-    log: IO[bytes] = (logs / f"{name}.log").open("ab")
-    process = subprocess.Popen(
-        argv,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=os.environ.copy(),
-        preexec_fn=die_with_parent,
-    )
-    try:
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-
-
 def endpoint_status(cluster: Cluster, name: str) -> dict[str, Any]:
     result = cluster.kubectl("get", "llmendpoint", name, "-o", "json", check=False)
     return dict(json.loads(result.stdout).get("status") or {}) if result.returncode == 0 else {}
 
 
-def wait_running(
-    cluster: Cluster, name: str, processes: dict[str, subprocess.Popen[bytes]]
-) -> dict[str, Any]:
+def wait_running(cluster: Cluster, name: str, processes: dict[str, ComponentProcess]) -> dict[str, Any]:
     """Prints each phase and reason change until the endpoint is Running."""
     deadline, last = time.monotonic() + READY_TIMEOUT, ""
     while time.monotonic() < deadline:
         for component, process in processes.items():
-            if process.poll() is not None:
-                raise HarnessError(
-                    f"the {component} exited with code {process.returncode}; see {cluster.workdir}/logs"
-                )
+            if not process.alive:
+                raise HarnessError(f"the {component} exited; see {cluster.workdir}/logs")
         status = endpoint_status(cluster, name)
         ready: dict[str, str] = next(
             (c for c in status.get("conditions", ()) if c.get("type") == "Ready"), {}
@@ -129,7 +101,7 @@ class LocalStack:
 
     cluster: Cluster
     gateway_url: str
-    processes: dict[str, subprocess.Popen[bytes]]
+    processes: dict[str, ComponentProcess]
 
 
 @contextlib.contextmanager
@@ -140,24 +112,20 @@ def local_stack(workdir: Path) -> Iterator[LocalStack]:
         cluster.start_node_agent("local-0", gpus=4, taint=False)
         cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
         cluster.kubectl("wait", "--for=condition=Established", "crd/llmendpoints.llm-endpoints.io")
-        port = free_port()
-        gateway_url = f"http://127.0.0.1:{port}"
-        kube = [f"--kubeconfig={cluster.kubeconfig}"]
-        python = [sys.executable, "-m"]
-        gateway_argv = [*python, "llm_operator.gateway", *kube, "--host=127.0.0.1", f"--port={port}"]
-        operator_argv = [
-            *python,
+        logs = cluster.logs
+        gateway = GatewayProcess(cluster.kubeconfig, logs / "gateway.log", "--host=127.0.0.1")
+        operator = ComponentProcess(
             "llm_operator",
-            *kube,
-            "--no-leader-election",
-            f"--gateway-url={gateway_url}",
-            f"--gateway-metrics-url={gateway_url}/metrics",
-        ]
-        with (
-            background("gateway", gateway_argv, cluster.logs) as gateway,
-            background("operator", operator_argv, cluster.logs) as operator,
-        ):
-            yield LocalStack(cluster, gateway_url, {"gateway": gateway, "operator": operator})
+            logs / "operator.log",
+            [
+                f"--kubeconfig={cluster.kubeconfig}",
+                "--no-leader-election",
+                f"--gateway-url={gateway.url}",
+                f"--gateway-metrics-url={gateway.url}/metrics",
+            ],
+        )
+        with gateway, operator:
+            yield LocalStack(cluster, gateway.url, {"gateway": gateway, "operator": operator})
 
 
 def main() -> int:
@@ -174,7 +142,7 @@ def main() -> int:
             status = wait_running(stack.cluster, "smollm2", stack.processes)
             kubectl = stack.cluster.bin_dir / "kubectl"
             print(instructions(status["url"], kubectl, stack.cluster.kubeconfig), flush=True)
-            while all(process.poll() is None for process in stack.processes.values()):
+            while all(process.alive for process in stack.processes.values()):
                 time.sleep(1)
             print(f"make run: a component exited; see {WORKDIR}/logs", file=sys.stderr)
             return 1

@@ -1,4 +1,4 @@
-"""Helpers for the operator's cluster tests: CRD, namespaces, manifests, waits, a real operator process."""
+"""Helpers for the cluster tests: CRD, namespaces, manifests, waits, real operator and gateway processes."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import yaml
 
-from tests.cluster.harness import ROOT, Cluster
+from tests.cluster.harness import ROOT, Cluster, die_with_parent, free_port
 
 CRD = ROOT / "crds" / "llmendpoints.yaml"
 EXAMPLES = ROOT / "examples"
@@ -84,35 +84,25 @@ def condition(body: dict[str, Any], kind: str) -> dict[str, Any]:
     return next((c for c in body.get("status", {}).get("conditions") or () if c.get("type") == kind), {})
 
 
-class OperatorProcess:
-    """`python -m llm_operator` as a real subprocess watching one namespace; JSON logs go to a file."""
+class ComponentProcess:
+    """`python -m <module> <args>` as a real subprocess in a session of its own (killed if the tests die);
+    its output, JSON log lines, goes to `log`."""
 
-    def __init__(self, cluster: Cluster, namespace: str, log_dir: Path, identity: str, *args: str) -> None:
-        self.cluster, self.namespace, self.identity = cluster, namespace, identity
-        self.log = log_dir / f"operator-{identity}.log"
-        self.args = args
+    def __init__(self, module: str, log: Path, args: Sequence[str]) -> None:
+        self.argv = [sys.executable, "-m", module, *args]
+        self.log = log
         self.popen: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> OperatorProcess:
-        command = [
-            sys.executable, "-m", "llm_operator",
-            "--kubeconfig", str(self.cluster.kubeconfig),
-            "--namespace", self.namespace,
-            "--lease-namespace", self.namespace,
-            "--lease-seconds", "4",
-            "--identity", self.identity,
-            "--image", "serving:test",
-            "--gateway-url", "http://gateway.test",
-            *self.args,
-        ]  # fmt: skip
+    def start(self) -> Self:
         with self.log.open("ab") as sink:
             self.popen = subprocess.Popen(
-                command,
+                self.argv,
                 cwd=ROOT,
                 stdout=sink,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=os.environ.copy(),
+                preexec_fn=die_with_parent,
             )
         return self
 
@@ -142,24 +132,55 @@ class OperatorProcess:
             self.signal(signal.SIGKILL)
             self.popen.wait(10)
 
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
     def lines(self) -> list[dict[str, Any]]:
         """The JSON log lines so far (non-JSON lines are skipped)."""
         out = []
-        for line in self.log.read_text(errors="replace").splitlines() if self.log.exists() else ():
+        for line in self.text().splitlines():
             with contextlib.suppress(json.JSONDecodeError):
                 out.append(json.loads(line))
         return out
 
     def tail(self, count: int = 40) -> str:
-        return (
-            "\n".join(self.log.read_text(errors="replace").splitlines()[-count:]) if self.log.exists() else ""
-        )
+        return "\n".join(self.text().splitlines()[-count:])
 
-    def __enter__(self) -> OperatorProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+class OperatorProcess(ComponentProcess):
+    """`python -m llm_operator` watching one namespace, with a short Lease."""
+
+    def __init__(self, cluster: Cluster, namespace: str, log_dir: Path, identity: str, *args: str) -> None:
+        self.cluster, self.namespace, self.identity = cluster, namespace, identity
+        super().__init__(
+            "llm_operator",
+            log_dir / f"operator-{identity}.log",
+            [
+                "--kubeconfig", str(cluster.kubeconfig),
+                "--namespace", namespace,
+                "--lease-namespace", namespace,
+                "--lease-seconds", "4",
+                "--identity", identity,
+                "--image", "serving:test",
+                "--gateway-url", "http://gateway.test",
+                *args,
+            ],
+        )  # fmt: skip
+
+
+class GatewayProcess(ComponentProcess):
+    """`python -m llm_operator.gateway` on a free port; `url` reaches it on loopback."""
+
+    def __init__(self, kubeconfig: Path, log: Path, *args: str) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        super().__init__("llm_operator.gateway", log, [f"--kubeconfig={kubeconfig}", f"--port={port}", *args])
 
 
 @contextlib.contextmanager

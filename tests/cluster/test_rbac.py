@@ -22,7 +22,6 @@ import contextlib
 import copy
 import functools
 import json
-import os
 import re
 import subprocess
 import sys
@@ -37,9 +36,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster.harness import ROOT, Cluster, die_with_parent, free_port
+from tests.cluster.harness import ROOT, Cluster
 from tests.cluster.node_agent import AGENT_PLACEMENT
 from tests.cluster.operator_support import (
+    GatewayProcess,
     OperatorProcess,
     condition,
     endpoint,
@@ -150,28 +150,14 @@ class Env:
     def gateway(self) -> Gateway:
         """The gateway as the chart runs it, under the gateway's ServiceAccount."""
         self.runs += 1
-        port = free_port()
-        log = self.logs / f"gateway-{self.runs}.log"
-        argv = [
-            sys.executable, "-m", "llm_operator.gateway",
-            f"--kubeconfig={self.kubeconfigs['gateway']}",
+        gateway = Gateway(
+            self.kubeconfigs["gateway"],
+            self.logs / f"gateway-{self.runs}.log",
             f"--namespace={self.routed}",
             "--host=127.0.0.1",
-            f"--port={port}",
             "--hold-timeout=30",
             "--token-refresh-seconds=1",
-        ]  # fmt: skip
-        with log.open("ab") as out:
-            popen = subprocess.Popen(
-                argv,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=os.environ.copy(),
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
-        gateway = Gateway(popen, log, f"http://127.0.0.1:{port}")
+        ).start()
         self.started.append(gateway.stop)
         return gateway
 
@@ -180,30 +166,8 @@ class Env:
             self.started.pop()()
 
 
-@dataclass
-class Gateway:
-    popen: subprocess.Popen[bytes]
-    log: Path
-    url: str
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def lines(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                out.append(json.loads(line))
-        return out
+class Gateway(GatewayProcess):
+    """The gateway process, with the requests the cases make through it."""
 
     def request(self, path: str, headers: dict[str, str] | None = None, timeout: float = 30) -> int:
         """GET through the gateway; the status code."""
@@ -346,10 +310,6 @@ def refused(text: str, resource: str, namespace: str | None = None) -> bool:
     return bool(re.search(rf'cannot \w+ resource \\?"{re.escape(resource)}\\?"{where}', text))
 
 
-def log_text(process: OperatorProcess) -> str:
-    return process.log.read_text(errors="replace") if process.log.exists() else ""
-
-
 def forbidden_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if "403" in line]
 
@@ -424,7 +384,7 @@ def test_the_operator_does_its_whole_job_under_its_service_account(env: Env) -> 
         cluster.kubectl("delete", "llme", name, "-n", ns, "--wait=false")
         for kind, child in children[:3]:
             wait_for(functools.partial(gone, cluster, kind, child, ns), 60, f"{kind} deleted with it")
-        assert not forbidden_lines(log_text(operator)), operator.tail()
+        assert not forbidden_lines(operator.text()), operator.tail()
     finally:
         operator.stop()
 
@@ -482,7 +442,7 @@ def operator_case(
         try:
             where = env.system if namespace == "system" else None
             wait_for(
-                lambda: refused(log_text(operator), resource, where),
+                lambda: refused(operator.text(), resource, where),
                 SYMPTOM_SECONDS,
                 f"a 403 on {resource} in the operator's log",
             )

