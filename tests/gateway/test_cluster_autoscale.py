@@ -14,9 +14,16 @@ import yaml
 from llm_operator.autoscale.decide import Tuning
 from llm_operator.autoscale.loop import Autoscaler, AutoscalerSettings, Key, Reading
 from llm_operator.kube import Credentials, Kube
-from llm_operator.settings import ENDPOINT_LABEL, MANAGED_BY
+from llm_operator.settings import MANAGED_BY
 from tests.cluster.harness import Cluster
-from tests.cluster.operator_support import endpoint, get, install_crd, new_namespace, wait_for
+from tests.cluster.operator_support import (
+    endpoint,
+    get,
+    install_crd,
+    new_namespace,
+    stand_in_deployment,
+    wait_for,
+)
 
 pytestmark = pytest.mark.cluster
 NAME = "busy"
@@ -36,20 +43,7 @@ def _objects(namespace: str) -> list[dict[str, Any]]:
         "access": "public",
         "scaling": {"minReplicas": 0, "maxReplicas": 3, "targetConcurrency": 4, "scaleToZeroAfter": "1s"},
     }
-    labels = {ENDPOINT_LABEL: NAME}
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": NAME, "namespace": namespace, "labels": {**labels, **MANAGED_BY}},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {"containers": [{"name": "server", "image": "registry.invalid/none"}]},
-            },
-        },
-    }
+    deployment = stand_in_deployment(NAME, namespace, replicas=1, extra_labels=MANAGED_BY)
     return [endpoint(NAME, namespace, spec), deployment]
 
 

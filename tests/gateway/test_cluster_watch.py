@@ -15,7 +15,7 @@ from llm_operator.gateway.watch import ClusterWatcher, ScaleWaker
 from llm_operator.kube import Credentials, Kube
 from llm_operator.settings import AUTOSCALER_FIELD_MANAGER, ENDPOINT_LABEL
 from tests.cluster.harness import Cluster
-from tests.cluster.operator_support import endpoint, get, install_crd, new_namespace
+from tests.cluster.operator_support import endpoint, get, install_crd, new_namespace, stand_in_deployment
 from tests.gateway.support import until
 
 pytestmark = pytest.mark.cluster
@@ -57,20 +57,7 @@ def _objects(namespace: str) -> list[dict[str, Any]]:
         "metadata": {"name": "wake-token", "namespace": namespace},
         "stringData": {"token": "s3cret"},
     }
-    labels = {ENDPOINT_LABEL: NAME}
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": NAME, "namespace": namespace, "labels": labels},
-        "spec": {
-            "replicas": 0,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {"containers": [{"name": "server", "image": "registry.invalid/none"}]},
-            },
-        },
-    }
+    deployment = stand_in_deployment(NAME, namespace, replicas=0)
     return [endpoint(NAME, namespace, spec), secret, deployment, _slice(namespace, "10.1.0.1")]
 
 
