@@ -469,6 +469,9 @@ class Cluster:
             "--concurrent-deployment-syncs=10",
             "--concurrent-replicaset-syncs=10",
             "--concurrent-gc-syncs=20",
+            # no test takes a node away; a node agent or kwok stalled by a busy machine must not make every
+            # pod on its node NotReady (the default grace is 50 s)
+            "--node-monitor-grace-period=5m",
         ]
 
     def _scheduler_args(self) -> list[str]:
