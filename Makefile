@@ -18,7 +18,7 @@ CRD_OUTPUTS := crds/llmendpoints.yaml charts/llm-endpoints/crds/llmendpoints.yam
 help:  ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-run: venv cluster-bin  ## Start the local control plane and the operator (Ctrl-C stops everything)
+run: venv cluster-bin  ## A local SmolLM2 endpoint end to end: control plane, operator, gateway, local node (Ctrl-C stops all)
 	$(PY) -m tests.cluster.local
 
 test: venv cluster-bin lint typecheck generated  ## Lint, type-check, check generated files, then every test suite
