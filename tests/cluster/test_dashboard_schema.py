@@ -38,9 +38,6 @@ import pytest
 GRAFANA = Path(__file__).parent / "grafana"
 DASHBOARD = Path(__file__).parents[2] / "charts" / "llm-endpoints" / "dashboards" / "llm-endpoints.json"
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("node") is None or shutil.which("npm") is None, reason="needs Node.js and npm"
-)
 
 Dashboard = dict[str, Any]
 
@@ -48,6 +45,8 @@ Dashboard = dict[str, Any]
 @pytest.fixture(scope="module")
 def grafana_types() -> Path:
     """The pinned npm packages, installed from the lock file on first use."""
+    for tool in ("node", "npm"):
+        assert shutil.which(tool), f"{tool} is missing: Node.js 20 with npm is needed (see the README)"
     if not (GRAFANA / "node_modules" / "@grafana" / "schema").is_dir():
         subprocess.run(
             ["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts"],

@@ -7,17 +7,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.serving.conftest import Server
 
 JS = Path(__file__).parent / "js"
 
 
-@pytest.mark.skipif(
-    shutil.which("node") is None or shutil.which("npm") is None, reason="needs Node.js and npm"
-)
 def test_huggingface_inference_js(tiny_server: Server) -> None:
+    for tool in ("node", "npm"):
+        assert shutil.which(tool), f"{tool} is missing: Node.js 20 with npm is needed (see the README)"
     if not (JS / "node_modules" / "@huggingface" / "inference").is_dir():
         subprocess.run(
             ["npm", "ci", "--no-audit", "--no-fund"], cwd=JS, check=True, capture_output=True, timeout=300

@@ -19,12 +19,12 @@ STOP = ["\nUser:", "<|endoftext|>", "</s>"]
 PROMPT = "What can you do in Nuremberg, Germany? Give me 3 Tips"
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_post_root_with_bearer_token(tiny_server: Server) -> None:
     """`curl $URL -X POST -d '{"inputs":"Once upon a time,"}' -H "Authorization: Bearer …"`.
 
     With no `parameters` TGI samples up to `max_total_tokens`, so this runs on the tiny model.
     """
+    assert shutil.which("curl"), "curl is missing (apt-get install curl)"
     base = ["curl", "-sS", tiny_server.url, "-X", "POST", "-d", '{"inputs":"Once upon a time,"}']
     out = subprocess.run(
         [*base, "-H", f"Authorization: Bearer {tiny_server.api_key}"],
