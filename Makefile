@@ -67,8 +67,8 @@ cluster-bin: system-packages  ## Build kube-apiserver, controller-manager, sched
 	@bash tests/cluster/tools/build.sh
 
 # Debian packages: iproute2 (pod network namespaces of the local node agent), prometheus (the autoscaler's
-# Prometheus source is tested against a real server), nginx (the gateway benchmark's reference proxy).
-SYSTEM_COMMANDS := ip:iproute2 prometheus:prometheus nginx:nginx-light
+# Prometheus source is tested against a real server), nginx (the gateway benchmark's reference proxy), curl.
+SYSTEM_COMMANDS := ip:iproute2 prometheus:prometheus nginx:nginx-light curl:curl
 
 system-packages:  ## Install the Debian packages the tests and benchmarks run (iproute2, prometheus, nginx)
 	@missing=$$(for pair in $(SYSTEM_COMMANDS); do command -v $${pair%%:*} >/dev/null || echo $${pair#*:}; done); \
