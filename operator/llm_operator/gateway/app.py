@@ -24,12 +24,11 @@ from starlette.types import Message, Receive, Scope, Send
 
 from llm_operator.gateway import auth
 from llm_operator.gateway.coldstart import ColdStart
+from llm_operator.gateway.errors import GatewayError, ProxyError, error_body
 from llm_operator.gateway.hold import (
     TIMEOUT_HEADER,
     HoldLimits,
-    HoldRefused,
     Holds,
-    InvalidTimeoutHeader,
     hold_timeout,
 )
 from llm_operator.gateway.metrics import GatewayMetrics
@@ -77,20 +76,6 @@ class GatewaySettings:
     connect_timeout: float = 5.0
     connect_tries: int = 3
     """Ready replicas tried, one after another, when connecting fails."""
-
-
-class ProxyError(Exception):
-    """A failure answered with a TGI-shaped error."""
-
-    def __init__(
-        self, status: int, error_type: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.error_type, self.headers = status, error_type, headers or {}
-
-
-def error_body(message: str, error_type: str) -> bytes:
-    return json.dumps({"error": message, "error_type": error_type}).encode()
 
 
 async def _respond(
@@ -206,8 +191,7 @@ class Gateway:
             client = scope.get("client")
             auth.check(route, self.settings.access, client[0] if client else None, headers)
         except auth.AccessDenied as denied:
-            extra = {"www-authenticate": "Bearer"} if isinstance(denied, auth.Unauthorized) else {}
-            await _respond(send, denied.status, error_body(str(denied), denied.error_type), extra)
+            await _respond(send, denied.status, error_body(str(denied), denied.error_type), denied.headers())
             return
         await self._serve(scope, receive, send, target, headers)
 
@@ -286,12 +270,8 @@ class Gateway:
         try:
             route = await self._ready_route(state, key, headers, target.path, body)
             await self._proxy(scope, state, route, target, headers, body)
-        except (HoldRefused, ProxyError, InvalidTimeoutHeader) as error:
-            status = getattr(error, "status", 503)
-            extra = dict(getattr(error, "headers", {}))
-            if isinstance(error, HoldRefused):
-                extra["retry-after"] = str(error.retry_after)
-            await state.fail(status, str(error), getattr(error, "error_type", "unavailable"), extra)
+        except GatewayError as error:
+            await state.fail(error.status, str(error), error.error_type, error.headers())
 
     async def _ready_route(
         self, state: _Exchange, key: Key, headers: Headers, path: str, body: bytes

@@ -15,6 +15,7 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from llm_operator.gateway.errors import GatewayError
 from llm_operator.gateway.routing import Route
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -31,8 +32,8 @@ DEFAULT_INTERNAL_CIDRS = (
 FORWARDED_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 
 
-class AccessDenied(Exception):
-    """The caller may not use the endpoint; `status` and `error_type` say how to answer."""
+class AccessDenied(GatewayError):
+    """The caller may not use the endpoint."""
 
     status = 403
     error_type = "forbidden"
@@ -43,6 +44,9 @@ class Unauthorized(AccessDenied):
 
     status = 401
     error_type = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"www-authenticate": "Bearer"}
 
 
 class OutsideCluster(AccessDenied):

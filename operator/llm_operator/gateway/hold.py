@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from llm_operator.gateway.errors import GatewayError
 from llm_operator.gateway.routing import Key
 
 log = logging.getLogger("llm_operator.gateway.hold")
@@ -36,22 +37,22 @@ class HoldLimits:
     """A new request re-sends the wake when the last one is at least this old (e.g. it failed)."""
 
 
-class InvalidTimeoutHeader(ValueError):
+class InvalidTimeoutHeader(GatewayError, ValueError):
     """X-Scale-Up-Timeout is not a non-negative number of seconds (answered 400)."""
 
     status = 400
     error_type = "validation"
 
 
-class HoldRefused(Exception):
+class HoldRefused(GatewayError):
     """The request cannot be held any longer; answered 503 with Retry-After."""
-
-    status = 503
-    error_type = "unavailable"
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after)}
 
 
 class TooManyWaiting(HoldRefused):
