@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.ports import free_port  # noqa: E402
+
 BODY = {"inputs": "hello", "parameters": {"max_new_tokens": 4}}
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 NGINX_CONF = """\
@@ -75,12 +77,6 @@ http {{
     }}
 }}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serve(role: str, port: int, upstream: str) -> None:
@@ -222,7 +218,7 @@ def _versus(proxy: dict[str, Any], direct: dict[str, Any]) -> dict[str, float]:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    up_port, gw_port, ngx_port = _free_port(), _free_port(), _free_port()
+    up_port, gw_port, ngx_port = free_port(), free_port(), free_port()
     upstream = f"127.0.0.1:{up_port}"
     procs = [
         subprocess.Popen(  # noqa: ASYNC220 (started once, before any measuring)

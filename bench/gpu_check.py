@@ -23,7 +23,6 @@ import os
 import platform
 import random
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -48,7 +47,7 @@ EQ_PROMPTS = [
 
 
 def _bench_serving() -> Any:
-    """bench/serving.py (stream_one, run_generate, mixed_arrivals, PROMPTS), loaded by path."""
+    """bench/serving.py (start_server, stream_runs, run_generate, mixed_arrivals, PROMPTS), loaded by path."""
     module = sys.modules.get("bench_serving")
     if module is None:
         spec = importlib.util.spec_from_file_location("bench_serving", BENCH / "serving.py")
@@ -217,60 +216,13 @@ def build_model(target: Path, tokenizer_dir: Path, a: argparse.Namespace) -> dic
 # ----------------------------------------------------------------------------------------------- server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def start_server(
-    model_dir: Path, max_new: int, log_path: Path, dtype: str = "auto"
-) -> tuple[subprocess.Popen[bytes], str, float]:
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "llm_serving",
-        "--model",
-        str(model_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-input-tokens",
-        "256",
-        "--max-total-tokens",
-        str(256 + max_new),
-        "--max-batch-size",
-        "64",
-        "--dtype",
-        dtype,
-    ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "serving"), env.get("PYTHONPATH")) if p)
-    env.pop("API_KEY", None)
-    start = time.perf_counter()
-    with log_path.open("wb") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    seen: list[int] = []
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-5000:]}")
-        try:
-            status = httpx.get(f"{url}/health", timeout=5).status_code
-            if not seen or seen[-1] != status:
-                seen.append(status)
-            if status == 200:
-                log(f"server healthy after {time.perf_counter() - start:.1f} s (health codes seen {seen})")
-                return proc, url, time.perf_counter() - start
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError(f"server not healthy in 300 s:\n{log_path.read_text()[-5000:]}")
+def serve(model_dir: Path, max_new: int, log_path: Path, dtype: str = "auto") -> Any:
+    """bench/serving.py's server, as the GPU check runs it (batches up to 64)."""
+    server = _bench_serving().start_server(
+        str(model_dir), max_new, max_batch_size=64, dtype=dtype, log_path=log_path, timeout=300
+    )
+    log(f"server healthy after {server.seconds:.1f} s (health codes seen {server.health_seen})")
+    return server
 
 
 def metric(url: str, name: str) -> float:
@@ -376,49 +328,14 @@ def batching_equivalence(url: str, n: int, max_new: int) -> dict[str, Any]:
     return res
 
 
-def _stream(client: httpx.Client, prompt: str, max_new: int, t0: float) -> dict[str, Any]:
-    """One streaming request on a shared client (a new httpx client per request costs tens of ms of
-    CPU under the GIL, which would show up as TTFT at high concurrency)."""
-    body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new, "do_sample": False}}
-    sent = time.perf_counter() - t0
-    stamps: list[float] = []
-    with client.stream("POST", "/generate_stream", json=body) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                stamps.append(time.perf_counter() - t0)
-                assert "error" not in json.loads(line[6:]), line
-    return {"sent": sent, "stamps": stamps}
-
-
 def stream_runs(url: str, prompts: list[str], max_new: int, concurrency: int) -> dict[str, Any]:
-    """`len(prompts)` streaming requests, at most `concurrency` at a time (1 = one after another)."""
-    bench_serving = _bench_serving()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    with httpx.Client(base_url=url, timeout=600, limits=limits) as client:
-        _stream(client, prompts[0], 1, time.perf_counter())  # opens a connection before the clock starts
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            results = list(pool.map(lambda p: _stream(client, p, max_new, t0), prompts))
-    seconds = time.perf_counter() - t0
-    ttft = [r["stamps"][0] - r["sent"] for r in results]
-    itl = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:], strict=False)]
-    tokens = sum(len(r["stamps"]) for r in results)
-    pct = bench_serving.percentile
-    res = {
-        "concurrency": concurrency,
-        "requests": len(prompts),
-        "seconds": seconds,
-        "tokens": tokens,
-        "tokens_per_s": tokens / seconds,
-        "ttft_p50_ms": pct(ttft, 50) * 1000,
-        "ttft_p99_ms": pct(ttft, 99) * 1000,
-        "itl_p50_ms": pct(itl, 50) * 1000,
-        "itl_p99_ms": pct(itl, 99) * 1000,
-    }
+    """bench/serving.py's streaming run, logged."""
+    res: dict[str, Any] = _bench_serving().stream_runs(url, prompts, max_new, concurrency)
     log(
         f"server, {len(prompts)} requests x {max_new} tokens, concurrency {concurrency:2d}: "
-        f"{res['tokens_per_s']:8.1f} tok/s ({seconds:.1f} s); TTFT p50 {res['ttft_p50_ms']:.1f} ms "
-        f"p99 {res['ttft_p99_ms']:.1f} ms; ITL p50 {res['itl_p50_ms']:.1f} ms p99 {res['itl_p99_ms']:.1f} ms"
+        f"{res['tokens_per_s']:8.1f} tok/s ({res['seconds']:.1f} s); "
+        f"TTFT p50 {res['ttft_p50_s'] * 1000:.1f} ms p99 {res['ttft_p99_s'] * 1000:.1f} ms; "
+        f"ITL p50 {res['itl_p50_s'] * 1000:.1f} ms p99 {res['itl_p99_s'] * 1000:.1f} ms"
     )
     return res
 
@@ -471,8 +388,9 @@ def full(a: argparse.Namespace) -> int:
 
     results["model"] = build_model(a.model_dir, a.tokenizer, a)
     save()
-    proc, url, load_s = start_server(a.model_dir, max_new, out / "server.log")
-    results["server_start_seconds"] = load_s
+    server = serve(a.model_dir, max_new, out / "server.log")
+    proc, url = server.process, server.url
+    results["server_start_seconds"] = server.seconds
     failures: list[str] = []
     try:
         try:
@@ -495,8 +413,7 @@ def full(a: argparse.Namespace) -> int:
             for suffix in ("", " Then summarise it.", " Tell it in the first person.", " Give it a twist.")
             for p in bench_serving.PROMPTS
         ]
-        # Warm-up: one request, then a burst that walks the batch sizes.
-        bench_serving.stream_one(url, prompts[0], 2, time.perf_counter())
+        # Warm-up: a burst that walks the batch sizes.
         stream_runs(url, prompts[: max(a.concurrency)], 4, max(a.concurrency))
         runs: dict[str, Any] = {}
         results["server_streaming"] = runs
@@ -645,9 +562,10 @@ def diag(a: argparse.Namespace) -> int:
         torch.cuda.empty_cache()
     if a.eq_dtypes:
         for dtype in a.eq_dtypes.split(","):
-            proc, url, _ = start_server(a.model_dir, a.max_new_tokens, out / f"server-{dtype}.log", dtype)
+            server = serve(a.model_dir, a.max_new_tokens, out / f"server-{dtype}.log", dtype)
+            proc = server.process
             try:
-                eq = batching_equivalence(url, a.eq_requests, a.max_new_tokens)
+                eq = batching_equivalence(server.url, a.eq_requests, a.max_new_tokens)
                 results[f"batching_equivalence_{dtype}"] = eq
             finally:
                 proc.terminate()

@@ -33,13 +33,14 @@ sys.path.insert(0, str(ROOT))
 
 from llm_operator.api.v1alpha1 import API_VERSION, KIND  # noqa: E402
 from llm_operator.kube import Credentials, Kube  # noqa: E402
-from tests.cluster.harness import Cluster, free_port  # noqa: E402
+from tests.cluster.harness import Cluster  # noqa: E402
 from tests.cluster.operator_support import (  # noqa: E402
     OperatorProcess,
     endpoint,
     install_crd,
     new_namespace,
 )
+from tests.ports import free_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "operator.json"
 GOALS = {"seconds": 60.0, "rss_mb": 300.0}

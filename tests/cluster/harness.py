@@ -16,7 +16,6 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
 from tests.cluster import pod_network
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / "tests" / "cluster" / "tools"
@@ -82,14 +82,6 @@ def default_bin_dir() -> Path:
     digest = hashlib.sha256((TOOLS / "versions.env").read_bytes()).hexdigest()[:8]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "llm-endpoints" / "cluster-bin" / f"{versions()['KUBERNETES_VERSION']}-{digest}" / "bin"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def die_with_parent() -> None:

@@ -17,7 +17,8 @@ from typing import Any, Self, TypeVar
 import yaml
 
 from llm_operator.settings import ENDPOINT_LABEL
-from tests.cluster.harness import ROOT, Cluster, die_with_parent, free_port
+from tests.cluster.harness import ROOT, Cluster, die_with_parent
+from tests.ports import free_port
 
 CRD = ROOT / "crds" / "llmendpoints.yaml"
 EXAMPLES = ROOT / "examples"

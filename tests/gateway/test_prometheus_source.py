@@ -50,10 +50,11 @@ from llm_operator.gateway.hold import HoldLimits
 from llm_operator.gateway.routing import Route, RoutingTable
 from llm_operator.kube import Credentials, Kube
 from llm_operator.settings import AUTOSCALER_FIELD_MANAGER
-from tests.cluster.harness import Cluster, die_with_parent, free_port, tail
+from tests.cluster.harness import Cluster, die_with_parent, tail
 from tests.cluster.operator_support import get, install_crd, new_namespace, wait_for
 from tests.gateway.support import StandInUpstream, serve
 from tests.gateway.test_cluster_autoscale import NAME, _objects
+from tests.ports import free_port
 
 T = TypeVar("T")
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from llm_serving.http.state import AppState, ModelInfo
 from llm_serving.loading import load, resolve
 from llm_serving.metrics import Metrics
 from llm_serving.server import build_service
+from tests.ports import free_port
 from tests.serving import models
 
 API_KEY = "test-key-123"
@@ -48,13 +48,6 @@ class Server:
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-20000:] if self.log else ""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _wait_healthy(server: Server) -> None:
