@@ -14,8 +14,11 @@ import psutil
 import pytest
 import yaml
 
+from llm_operator.api.v1alpha1 import LLMEndpoint
 from llm_operator.gateway.__main__ import parse_args, settings_from
 from llm_operator.gateway.auth import from_inside
+from llm_operator.render import render as render_children
+from llm_operator.settings import Settings
 from tests.cluster.harness import ROOT, Cluster, pod_processes
 from tests.cluster.node_agent import AGENT_PLACEMENT
 from tests.cluster.operator_support import EXAMPLES, get, install_crd, new_namespace, wait_for
@@ -133,19 +136,37 @@ def restricted_namespace(cluster: Cluster) -> Iterator[str]:
     cluster.kubectl("delete", "namespace", name, "--wait=false")
 
 
+def admitted(cluster: Cluster, namespace: str, deployment: dict[str, Any]) -> None:
+    """The Deployment's pod template, created (server dry-run) in `namespace`, passes its admission."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": deployment["metadata"]["name"], "namespace": namespace},
+        "spec": {**deployment["spec"]["template"]["spec"], "serviceAccountName": "default"},
+    }
+    result = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(pod), check=False)
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_restricted_admission_accepts_the_chart_pods(cluster: Cluster, restricted_namespace: str) -> None:
     """The API server's own PodSecurity admission, in enforce mode, admits every pod template."""
     for doc in render(cluster):
-        if doc["kind"] != "Deployment":
-            continue
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": doc["metadata"]["name"], "namespace": restricted_namespace},
-            "spec": {**doc["spec"]["template"]["spec"], "serviceAccountName": "default"},
-        }
-        result = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(pod), check=False)
-        assert result.returncode == 0, result.stderr
+        if doc["kind"] == "Deployment":
+            admitted(cluster, restricted_namespace, doc)
+
+
+@pytest.mark.parametrize("example", ["smollm2.yaml", "falcon-40b.yaml"])
+def test_the_restricted_admission_accepts_the_endpoints_pods(
+    cluster: Cluster, restricted_namespace: str, example: str
+) -> None:
+    """The serving pods the operator renders for the examples (CPU, and 4 GPUs with /dev/shm and a weight
+    cache) are admitted by the same enforcing namespace."""
+    manifest = yaml.safe_load((EXAMPLES / example).read_text())
+    manifest["metadata"]["namespace"] = restricted_namespace
+    endpoint = LLMEndpoint.model_validate(manifest)
+    rendered = [d for d in render_children(endpoint, Settings()) if d["kind"] == "Deployment"]
+    assert len(rendered) == 1
+    admitted(cluster, restricted_namespace, rendered[0])
 
 
 def test_install_manifest_applies_cleanly_twice(cluster: Cluster) -> None:
