@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from llm_serving.config import Limits
 from llm_serving.loading import resolve
-from llm_serving.server import ServerOptions, serve
+from llm_serving.server import API_KEY_ENV, GRACEFUL_SHUTDOWN_ENV, ServerOptions, serve
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
@@ -27,8 +27,6 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
         "--host", default=env("LLM_SERVING_HOST", "0.0.0.0"), help="bind address ($LLM_SERVING_HOST)"
     )
     p.add_argument("--port", type=int, default=int(env("PORT", "3000")))
-    p.add_argument("--api-key", default=None, help="bearer token for generation routes")
-    p.add_argument("--api-key-env", default="API_KEY", help="env var holding the bearer token")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     d = Limits()
     p.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests)
@@ -41,8 +39,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
     p.add_argument("--max-stop-sequences", type=int, default=d.max_stop_sequences)
     p.add_argument("--max-top-n-tokens", type=int, default=d.max_top_n_tokens)
     p.add_argument("--max-client-batch-size", type=int, default=d.max_client_batch_size)
-    p.add_argument("--drain-seconds", type=int, default=60, help="grace period for open streams on SIGTERM")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger bodies get 413")
+    p.add_argument("--validation-workers", type=int, default=d.validation_workers)
     a = p.parse_args(argv)
+    drain = env(GRACEFUL_SHUTDOWN_ENV)
+    if drain is not None and not (drain.isdigit() and int(drain) > 0):
+        p.error(f"{GRACEFUL_SHUTDOWN_ENV} must be a positive number of seconds, not {drain!r}")
     limits = Limits(
         max_input_tokens=a.max_input_tokens,
         max_total_tokens=a.max_total_tokens,
@@ -54,15 +56,17 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
         max_stop_sequences=a.max_stop_sequences,
         max_top_n_tokens=a.max_top_n_tokens,
         max_client_batch_size=a.max_client_batch_size,
+        max_body_bytes=a.max_body_bytes,
+        validation_workers=a.validation_workers,
     )
     return ServerOptions(
         source=resolve(a.model, a.revision, env(a.hf_token_env)),
         limits=limits,
         host=a.host,
         port=a.port,
-        api_key=a.api_key or env(a.api_key_env) or None,
+        api_key=env(API_KEY_ENV) or None,
         dtype=a.dtype,
-        drain_seconds=a.drain_seconds,
+        graceful_shutdown_seconds=int(drain) if drain else ServerOptions.graceful_shutdown_seconds,
     )
 
 

@@ -22,6 +22,10 @@ class ServingError(Exception):
         """The message as TGI writes it, with its prefix."""
         return f"{self.prefix}{self.message}"
 
+    def headers(self) -> dict[str, str]:
+        """Extra response headers."""
+        return {}
+
     def body(self) -> dict[str, str]:
         """The TGI `ErrorResponse` body."""
         return {"error": self.text, "error_type": self.error_type}
@@ -64,6 +68,16 @@ class IncompleteGenerationError(ServingError):
     error_type = "incomplete_generation"
 
 
+class NoFastTokenizerError(ServingError):
+    """`/tokenize` needs character offsets, which only fast (Rust) tokenizers give; TGI answers the same."""
+
+    status = 404
+    error_type = "no fast tokenizer"
+
+    def __init__(self, message: str = "No fast tokenizer or tokenizer.json for this model") -> None:
+        super().__init__(message)
+
+
 class TemplateError(ServingError):
     """The chat template could not be rendered."""
 
@@ -76,6 +90,35 @@ class UnhealthyError(ServingError):
 
     status = 503
     error_type = "healthcheck"
+
+
+class DrainingError(UnhealthyError):
+    """The server is draining after SIGTERM: 503, and the client should not reuse the connection."""
+
+    def __init__(self, message: str = "Server is shutting down") -> None:
+        super().__init__(message)
+
+    def headers(self) -> dict[str, str]:
+        return {"connection": "close"}
+
+
+class EngineDeadError(UnhealthyError):
+    """The engine thread failed; the server stays unhealthy until it is restarted."""
+
+    prefix = "Request failed during generation: the engine stopped: "
+
+
+class UnauthorizedError(ServingError):
+    """No bearer token, or the wrong one."""
+
+    status = 401
+    error_type = "unauthorized"
+
+    def __init__(self, message: str = "Missing or invalid bearer token") -> None:
+        super().__init__(message)
+
+    def headers(self) -> dict[str, str]:
+        return {"www-authenticate": "Bearer"}
 
 
 class BadJsonError(ServingError):

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from llm_serving.engine.async_engine import AsyncEngine
 from llm_serving.engine.engine import Engine
 from llm_serving.engine.runner import ModelRunner
 from llm_serving.engine.scheduler import Scheduler, SchedulerConfig
+from llm_serving.errors import IncompleteGenerationError
 from llm_serving.http.app import build_app
 from llm_serving.http.state import AppState, ModelInfo
 from llm_serving.loading import ModelSource, eos_ids, load
@@ -25,6 +27,13 @@ from llm_serving.metrics import Metrics
 from llm_serving.service import GenerationService
 
 log = logging.getLogger("llm_serving")
+
+API_KEY_ENV = "API_KEY"
+"""Env holding the bearer token every route but `/health` and `/metrics` requires (unset: none)."""
+GRACEFUL_SHUTDOWN_ENV = "GRACEFUL_SHUTDOWN_SECONDS"
+"""Env holding the drain budget on SIGTERM (docker-entrypoint.sh gives torchrun the same budget)."""
+END_FLUSH_SECONDS = 2
+"""After the drain budget: how long the generations it ended get to send their error event."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +44,8 @@ class ServerOptions:
     port: int = 3000
     api_key: str | None = None
     dtype: str = "auto"
-    drain_seconds: int = 60
+    graceful_shutdown_seconds: int = 30
+    """On SIGTERM: requests in progress get this long to finish (new ones get 503), then they are ended."""
 
 
 def _device(ctx: DistContext) -> str | None:
@@ -66,16 +76,40 @@ def build_service(
     return GenerationService(async_engine, tokenizer, limits, metrics)
 
 
-class _DrainingServer(uvicorn.Server):
-    """Marks the app as draining (health 503, no new work) as soon as a stop signal arrives."""
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a drain on the first SIGTERM/SIGINT: `/health` and new requests answer 503 while the
+    requests in progress finish; after `drain_seconds` the generations still open end with an error event.
+    A second signal stops at once."""
 
-    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+    def __init__(self, config: uvicorn.Config, state: AppState, drain_seconds: float) -> None:
         super().__init__(config)
         self._state = state
+        self._drain_seconds = drain_seconds
+        self._drain_deadline: float | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._drain_deadline is not None or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
         self._state.draining = True
-        super().handle_exit(sig, frame)
+        self._drain_deadline = time.monotonic() + self._drain_seconds
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_deadline is not None and not self.should_exit:
+            if not self.server_state.tasks:
+                self.should_exit = True
+            elif time.monotonic() >= self._drain_deadline:
+                self._end_generations()
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+    def _end_generations(self) -> None:
+        service = self._state.service
+        if service is None or service.engine is None:
+            return
+        message = f"Server is shutting down: the {self._drain_seconds:g} s drain ended before the generation"
+        log.warning("drain period over: ending %d open request(s)", service.engine.in_flight)
+        service.engine.abort_all(lambda: IncompleteGenerationError(message))
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -92,7 +126,8 @@ class _DrainingServer(uvicorn.Server):
 
 
 def serve(options: ServerOptions) -> None:
-    """Run the whole server until SIGTERM/SIGINT; open streams get `drain_seconds` to finish."""
+    """Run the whole server until SIGTERM/SIGINT (then drain); exits non-zero if the model failed to load
+    or the engine failed."""
     ctx = init_distributed()
     device = _device(ctx)
     if not ctx.is_driver:
@@ -125,16 +160,18 @@ def serve(options: ServerOptions) -> None:
         build_app(state),
         host=options.host,
         port=options.port,
-        timeout_graceful_shutdown=options.drain_seconds,
+        timeout_graceful_shutdown=END_FLUSH_SECONDS,
         log_level="info",
         access_log=False,
     )
-    server = _DrainingServer(config, state)
+    server = DrainingServer(config, state, options.graceful_shutdown_seconds)
     loader = threading.Thread(target=load_model, name="loader", daemon=True)
     loader.start()
     server.run()
     loader.join()
-    if state.service is not None and state.service.engine is not None:
-        state.service.engine.stop()
+    if state.service is not None:
+        state.service.close()
+        if state.service.failure is not None:
+            raise SystemExit(f"engine failed: {state.service.failure}")
     if state.load_error is not None:
         raise SystemExit(f"model failed to load: {state.load_error}")

@@ -5,20 +5,24 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from llm_serving.config import Limits
 from llm_serving.engine.async_engine import AsyncEngine
 from llm_serving.engine.engine import TokenEvent
 from llm_serving.engine.request import FinishReason
-from llm_serving.errors import ServingError, UnhealthyError, ValidationError
+from llm_serving.errors import NoFastTokenizerError, ServingError, UnhealthyError, ValidationError
 from llm_serving.metrics import Metrics
-from llm_serving.protocol.tgi import GenerateParameters
+from llm_serving.protocol.tgi import GenerateParameters, SimpleToken
 from llm_serving.sampling.params import StoppingParams
-from llm_serving.validation import ValidRequest, validate_input, validate_parameters
+from llm_serving.tokens import simple_tokens
+from llm_serving.validation import ValidRequest, check_input_length, validate_input, validate_parameters
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -63,9 +67,23 @@ class GenerationService:
         self.tokenizer = tokenizer
         self.limits = limits
         self.metrics = metrics
+        self._validation = ThreadPoolExecutor(limits.validation_workers, thread_name_prefix="validation")
+
+    async def off_loop(self, work: Callable[[], T]) -> T:
+        """Run CPU-bound request work (tokenizing, chat templates) on the validation workers."""
+        return await asyncio.get_running_loop().run_in_executor(self._validation, work)
 
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def simple_tokens(self, text: str) -> list[SimpleToken]:
+        """`/tokenize`: more than `max_input_tokens` tokens is refused before the answer is built."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise NoFastTokenizerError()
+        encoding = self.tokenizer(text, return_offsets_mapping=True)
+        ids = encoding["input_ids"]
+        check_input_length(len(ids), self.limits)
+        return simple_tokens(text, ids, encoding["offset_mapping"])
 
     def validate(
         self, inputs: str, params: GenerateParameters, *, stream: bool, add_special_tokens: bool = True
@@ -84,10 +102,21 @@ class GenerationService:
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine stopped, if it did (the server is then unhealthy for good)."""
+        return None if self.engine is None else self.engine.failure
+
     def _engine(self) -> AsyncEngine:
         if self.engine is None:
             raise UnhealthyError("Model is not loaded yet")
         return self.engine
+
+    def close(self) -> None:
+        """Stop the engine thread and the validation workers."""
+        if self.engine is not None:
+            self.engine.stop()
+        self._validation.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self, valid: ValidRequest, seed: int | None) -> AsyncGenerator[StreamItem, None]:
         engine = self._engine()

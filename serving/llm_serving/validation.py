@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import random
+import struct
 from dataclasses import dataclass
 
 from llm_serving.config import Limits
@@ -35,12 +37,33 @@ class ValidRequest:
     params: ValidParameters
 
 
+def as_float32(value: float) -> float:
+    """`value` as the sampler's float32 tensors hold it: rounded, tiny values 0, huge ones infinite."""
+    try:
+        return float(struct.unpack("f", struct.pack("f", value))[0])
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def _check_positive(name: str, value: float | None) -> float:
+    """TGI's "strictly positive" rule, applied to the float32 value (1e-300 is 0 there); finite too."""
+    if value is None:
+        return 1.0
+    f32 = as_float32(value)
+    if not f32 > 0.0:
+        raise ValidationError(f"`{name}` must be strictly positive")
+    if math.isinf(f32):
+        raise ValidationError(f"`{name}` must be a finite float32 (at most 3.4028235e38). Given: {value:g}")
+    return f32
+
+
 def _check_open_unit(name: str, value: float | None) -> float:
     if value is None:
         return 1.0
-    if not 0.0 < value < 1.0:
+    f32 = as_float32(value)
+    if not 0.0 < f32 < 1.0:
         raise ValidationError(f"`{name}` must be > 0.0 and < 1.0")
-    return value
+    return f32
 
 
 def validate_parameters(
@@ -59,12 +82,8 @@ def validate_parameters(
         raise ValidationError("`seed` must not be set when `best_of` > 1")
     if p.decoder_input_details and stream:
         raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
-    temperature = 1.0 if p.temperature is None else p.temperature
-    if temperature <= 0.0:
-        raise ValidationError("`temperature` must be strictly positive")
-    repetition_penalty = 1.0 if p.repetition_penalty is None else p.repetition_penalty
-    if repetition_penalty <= 0.0:
-        raise ValidationError("`repetition_penalty` must be strictly positive")
+    temperature = _check_positive("temperature", p.temperature)
+    repetition_penalty = _check_positive("repetition_penalty", p.repetition_penalty)
     frequency_penalty = 0.0 if p.frequency_penalty is None else p.frequency_penalty
     if not -2.0 <= frequency_penalty <= 2.0:
         raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
@@ -117,6 +136,12 @@ def validate_parameters(
     )
 
 
+def check_input_length(n: int, limits: Limits) -> None:
+    """TGI's `max_input_tokens` rule for `n` input tokens."""
+    if n > limits.max_input_tokens:
+        raise ValidationError(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {n}")
+
+
 def validate_input(
     inputs: str, input_ids: list[int], params: ValidParameters, limits: Limits
 ) -> ValidRequest:
@@ -125,8 +150,7 @@ def validate_input(
         raise ValidationError("`inputs` cannot be empty")
     ids = input_ids[-params.truncate :] if params.truncate is not None else input_ids
     n = len(ids)
-    if n > limits.max_input_tokens:
-        raise ValidationError(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {n}")
+    check_input_length(n, limits)
     max_new = params.max_new_tokens
     if max_new is None:
         max_new = limits.max_total_tokens - n

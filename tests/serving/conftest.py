@@ -14,7 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import uvicorn
+from transformers import PreTrainedModel
 
 from llm_serving.config import Limits
 from llm_serving.distributed import DistContext
@@ -70,32 +72,39 @@ def _wait_healthy(server: Server) -> None:
     raise TimeoutError(f"server not healthy after {STARTUP_SECONDS}s:\n{server.log_tail()}")
 
 
-def server_env() -> dict[str, str]:
+def server_env(api_key: str | None = None, **extra: str) -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env.pop("API_KEY", None)
-    return env
+    env.pop("GRACEFUL_SHUTDOWN_SECONDS", None)
+    if api_key:
+        env["API_KEY"] = api_key
+    return env | extra
 
 
 @contextmanager
 def subprocess_server(
-    args: Sequence[str], log: Path, *, api_key: str | None = API_KEY, launcher: Sequence[str] | None = None
+    args: Sequence[str],
+    log: Path,
+    *,
+    api_key: str | None = API_KEY,
+    launcher: Sequence[str] | None = None,
+    env: dict[str, str] | None = None,
+    command: Sequence[str] | None = None,
 ) -> Iterator[Server]:
-    """`python -m llm_serving ARGS` (or under `launcher`, e.g. torchrun) on a free loopback port."""
+    """`python -m llm_serving ARGS` (or under `launcher`, e.g. torchrun, or `command` that takes the flags,
+    e.g. the image's entry point) on a free loopback port; the key and `env` go in the environment."""
     port = free_port()
     cmd = [
-        *(launcher or [sys.executable]),
-        "-m",
-        "llm_serving",
+        *(command or [*(launcher or [sys.executable]), "-m", "llm_serving"]),
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
         *args,
     ]
-    if api_key:
-        cmd += ["--api-key", api_key]
+    environ = server_env(api_key, **(env or {}))
     with log.open("wb") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env(), cwd=REPO)
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=environ, cwd=REPO)
     server = Server(url=f"http://127.0.0.1:{port}", api_key=api_key, process=process, log=log)
     try:
         _wait_healthy(server)
@@ -111,10 +120,19 @@ def subprocess_server(
 
 
 @contextmanager
-def thread_server(model_dir: Path, limits: Limits, *, api_key: str | None = API_KEY) -> Iterator[Server]:
-    """The same app in this process, on uvicorn in a thread: for tests that need special limits."""
+def thread_server(
+    model_dir: Path,
+    limits: Limits,
+    *,
+    api_key: str | None = API_KEY,
+    model_class: type[PreTrainedModel] | None = None,
+) -> Iterator[Server]:
+    """The same app in this process, on uvicorn in a thread: for tests that need special limits, or a
+    model of another class (`model_class.from_pretrained(model_dir)`, e.g. one that fails)."""
     source = resolve(str(model_dir))
     model, tokenizer = load(source, "float32")
+    if model_class is not None:
+        model = model_class.from_pretrained(model_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
     metrics = Metrics(source.model_id)
     ctx = DistContext(rank=0, world_size=1, local_rank=0, group=None)
     state = AppState(limits=limits, metrics=metrics, model=ModelInfo(source.model_id), api_key=api_key)
@@ -131,8 +149,7 @@ def thread_server(model_dir: Path, limits: Limits, *, api_key: str | None = API_
     finally:
         uv.should_exit = True
         thread.join(timeout=30)
-        assert state.service.engine is not None
-        state.service.engine.stop()
+        state.service.close()
 
 
 @pytest.fixture(scope="session")

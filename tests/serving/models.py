@@ -6,6 +6,10 @@ import importlib.metadata
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 CACHE = Path(__file__).resolve().parents[2] / ".cache" / "serving-tests"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,8 +49,7 @@ def tiny_model_dir() -> Path:
     """A 2-layer, 64-wide random Llama over SmolLM2's vocabulary (safetensors + tokenizer)."""
     target = CACHE / f"tiny-llama-{_version()}-v1"
     if not target.is_dir():
-        import torch
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
         config = LlamaConfig(
@@ -86,3 +89,29 @@ def smollm2_dir() -> Path:
         AutoTokenizer.from_pretrained(tokenizer_dir()).save_pretrained(tmp)
         tmp.rename(target)
     return target
+
+
+class FaultyLlama(LlamaForCausalLM):  # type: ignore[no-untyped-call]
+    """The tiny Llama with a real fault: its `fail_at`-th forward call raises `fault` (every later one too,
+    unless `once`)."""
+
+    fail_at: ClassVar[int] = 4
+    fault: ClassVar[type[Exception]] = RuntimeError
+    once: ClassVar[bool] = False
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__(config)
+        self.calls = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls == self.fail_at or (self.calls > self.fail_at and not self.once):
+            raise self.fault(f"injected fault at forward call {self.calls}")
+        return super().forward(*args, **kwargs)
+
+
+class OutOfMemoryOnceLlama(FaultyLlama):  # type: ignore[no-untyped-call]
+    """Runs out of memory once (the engine fails that batch and goes on)."""
+
+    fault = torch.OutOfMemoryError
+    once = True

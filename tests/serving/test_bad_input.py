@@ -8,9 +8,12 @@ from typing import Any
 
 import pytest
 
-from tests.serving.conftest import Server
+from tests.serving.conftest import API_KEY, Server
 
 V = "Input validation error: "
+BAD_JSON = "Failed to parse the request body as JSON: "
+JSON_ROUTES = ("/", "/generate", "/generate_stream", "/tokenize", "/v1/chat/completions", "/v1/completions")
+DEEP = b'{"stream":true,"inputs":"x","x":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
 
 
 @dataclass(frozen=True)
@@ -19,7 +22,7 @@ class Case:
     path: str
     body: Any  # a dict/list is sent as JSON; bytes are sent raw
     status: int
-    kind: str  # json: TGI ErrorResponse; plain: axum-style text; empty; sse: error event; sse_openai
+    kind: str  # json: TGI validation error; unauthorized; plain: axum-style text; empty; sse; sse_openai
     message: str = ""
     method: str = "POST"
     headers: dict[str, str] = field(default_factory=dict)
@@ -250,14 +253,42 @@ CASES = [
         "Expected request with `Content-Type: application/json`",
         headers={"content-type": "application/xml"},
     ),
-    Case("no bearer token", "/generate", gen(), 401, "empty", headers={"authorization": ""}),
+    Case(
+        "no bearer token",
+        "/generate",
+        gen(),
+        401,
+        "unauthorized",
+        "Missing or invalid bearer token",
+        headers={"authorization": ""},
+    ),
     Case(
         "wrong bearer token",
         "/v1/completions",
         {"prompt": "x"},
         401,
-        "empty",
+        "unauthorized",
+        "Missing or invalid bearer token",
         headers={"authorization": "Bearer nope"},
+    ),
+    Case(
+        "info without a token",
+        "/info",
+        None,
+        401,
+        "unauthorized",
+        "Missing or invalid bearer token",
+        method="GET",
+        headers={"authorization": ""},
+    ),
+    Case(
+        "basic instead of bearer",
+        "/tokenize",
+        {"inputs": "x"},
+        401,
+        "unauthorized",
+        "Missing or invalid bearer token",
+        headers={"authorization": f"Basic {API_KEY}"},
     ),
     Case("tokenize without inputs", "/tokenize", {}, 422, "plain", "Failed to deserialize"),
     Case(
@@ -308,6 +339,84 @@ CASES = [
         "json",
         V + "Number of prompts must be between 1 and 4. Given: 5",
     ),
+    *(
+        Case(f"{name} 1e-300 (0 in float32)", "/generate", gen(**{name: 1e-300}), 422, "json", V + message)
+        for name, message in [
+            ("temperature", "`temperature` must be strictly positive"),
+            ("repetition_penalty", "`repetition_penalty` must be strictly positive"),
+            ("top_p", "`top_p` must be > 0.0 and < 1.0"),
+            ("typical_p", "`typical_p` must be > 0.0 and < 1.0"),
+        ]
+    ),
+    Case(
+        "top_p rounds to 1 in float32",
+        "/generate",
+        gen(top_p=1 - 1e-12),
+        422,
+        "json",
+        V + "`top_p` must be > 0.0 and < 1.0",
+    ),
+    Case(
+        "temperature beyond float32",
+        "/generate",
+        gen(temperature=1e39),
+        422,
+        "json",
+        V + "`temperature` must be a finite float32 (at most 3.4028235e38). Given: 1e+39",
+    ),
+    Case(
+        "chat temperature 1e-300",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": 1e-300},
+        422,
+        "json",
+        V + "`temperature` must be strictly positive",
+    ),
+    Case(
+        "completion repetition_penalty 1e-300",
+        "/v1/completions",
+        {"prompt": "x", "repetition_penalty": 1e-300},
+        422,
+        "json",
+        V + "`repetition_penalty` must be strictly positive",
+    ),
+    Case(
+        "1e999 (infinity)",
+        "/generate",
+        b'{"inputs":"x","parameters":{"temperature":1e999}}',
+        400,
+        "plain",
+        BAD_JSON + "number out of range",
+    ),
+    Case(
+        "chat -1e999",
+        "/v1/chat/completions",
+        b'{"messages":[{"role":"user","content":"hi"}],"top_p":-1e999}',
+        400,
+        "plain",
+        BAD_JSON + "number out of range",
+    ),
+    Case(
+        "Infinity literal",
+        "/generate",
+        b'{"inputs":"x","parameters":{"top_p":Infinity}}',
+        400,
+        "plain",
+        BAD_JSON,
+    ),
+    Case("lone surrogate", "/generate", b'{"inputs":"a\\ud800b"}', 400, "plain", BAD_JSON + "lone surrogate"),
+    Case(
+        "lone surrogate in a chat",
+        "/v1/chat/completions",
+        b'{"messages":[{"role":"user","content":"\\udc00"}]}',
+        400,
+        "plain",
+        BAD_JSON + "lone surrogate",
+    ),
+    *(
+        Case(f"200k deep on {path}", path, DEEP, 400, "plain", BAD_JSON + "recursion limit exceeded")
+        for path in JSON_ROUTES
+    ),
 ]
 
 
@@ -329,9 +438,12 @@ def test_bad_request(tiny_server: Server, case: Case) -> None:
         else:
             response = client.request(case.method, case.path, json=case.body, headers=headers)
     assert response.status_code == case.status, response.text
-    if case.kind == "json":
+    if case.kind in ("json", "unauthorized"):
         assert response.headers["content-type"].startswith("application/json")
-        assert response.json() == {"error": case.message, "error_type": "validation"}
+        error_type = "validation" if case.kind == "json" else "unauthorized"
+        assert response.json() == {"error": case.message, "error_type": error_type}
+        if case.kind == "unauthorized":
+            assert response.headers["www-authenticate"] == "Bearer"
     elif case.kind == "plain":
         assert response.headers["content-type"].startswith("text/plain")
         assert response.text.startswith(case.message), response.text
@@ -355,3 +467,24 @@ def test_server_still_serves_after_bad_input(tiny_server: Server) -> None:
         response = client.post("/generate", json=gen(max_new_tokens=3))
         assert response.status_code == 200
         assert isinstance(response.json()["generated_text"], str)
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"do_sample": True, "temperature": 1e-40},
+        {"do_sample": True, "repetition_penalty": 1e-40},
+        {"repetition_penalty": 3e38},
+        {"do_sample": True, "top_p": 0.01, "top_n_tokens": 3},
+    ],
+    ids=["subnormal temperature", "subnormal penalty", "huge penalty", "top tokens a warper removed"],
+)
+def test_extreme_valid_parameters_are_served(tiny_server: Server, parameters: dict[str, Any]) -> None:
+    """Valid in float32, and once NaN or infinite logprobs (500): now finite numbers."""
+    body = {"inputs": "Hello there", "parameters": {**parameters, "max_new_tokens": 3, "details": True}}
+    with tiny_server.client() as client:
+        response = client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    tokens = response.json()["details"]["tokens"]
+    assert len(tokens) == 3
+    assert all(isinstance(t["logprob"], float) for t in tokens)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -12,14 +14,20 @@ from dataclasses import dataclass
 
 from llm_serving.engine.engine import Engine, Event, FailureEvent, StepStats, TokenEvent
 from llm_serving.engine.request import Request
-from llm_serving.errors import GenerationError, OverloadedError
+from llm_serving.errors import EngineDeadError, GenerationError, OverloadedError, ServingError
 from llm_serving.sampling.params import SamplingParams, StoppingParams
+
+log = logging.getLogger("llm_serving.engine")
+
+# What the engine thread hands a request's stream: its events, or the error that ends it.
+Delivery = list[Event] | ServingError
+Sink = Callable[[Delivery], None]
 
 
 @dataclass(frozen=True)
 class _Add:
     request: Request
-    sink: Callable[[list[Event]], None]
+    sink: Sink
 
 
 @dataclass(frozen=True)
@@ -27,11 +35,18 @@ class _Cancel:
     request_id: int
 
 
+@dataclass(frozen=True)
+class _Abort:
+    """End every open request with a fresh `error()` (the drain period is over)."""
+
+    error: Callable[[], ServingError]
+
+
 class _Stop:
     pass
 
 
-Command = _Add | _Cancel | _Stop
+Command = _Add | _Cancel | _Abort | _Stop
 
 
 class AsyncEngine:
@@ -48,8 +63,10 @@ class AsyncEngine:
         self._on_step = on_step
         self._inbox: queue.Queue[Command] = queue.Queue()
         self._ids = itertools.count(1)
-        self._sinks: dict[int, Callable[[list[Event]], None]] = {}
+        self._sinks: dict[int, Sink] = {}
         self.in_flight = 0
+        self.failure: str | None = None
+        """Why the engine thread stopped serving (None while it is alive)."""
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
@@ -62,6 +79,15 @@ class AsyncEngine:
         return len(self._engine.scheduler.running)
 
     def _loop(self) -> None:
+        """The engine thread: serve until `_Stop`; after an unexpected exception, fail every request."""
+        try:
+            self._serve()
+        except Exception as exc:
+            log.exception("engine thread failed; the server is unhealthy from now on")
+            self.failure = f"{type(exc).__name__}: {exc}"
+            self._refuse_until_stopped()
+
+    def _serve(self) -> None:
         while True:
             block = not self._engine.has_work
             while True:
@@ -76,6 +102,8 @@ class AsyncEngine:
                 if isinstance(command, _Add):
                     self._sinks[command.request.id] = command.sink
                     self._engine.add(command.request)
+                elif isinstance(command, _Abort):
+                    self._end_all(command.error)
                 else:
                     self._engine.cancel(command.request_id)
                     self._sinks.pop(command.request_id, None)
@@ -83,6 +111,23 @@ class AsyncEngine:
             self._dispatch(events)
             if stats is not None and self._on_step is not None:
                 self._on_step(stats)
+
+    def _end_all(self, error: Callable[[], ServingError]) -> None:
+        """Cancel every open request and hand each one `error()`."""
+        for request_id, sink in list(self._sinks.items()):
+            with contextlib.suppress(Exception):
+                self._engine.cancel(request_id)
+            _deliver(sink, error())
+        self._sinks.clear()
+
+    def _refuse_until_stopped(self) -> None:
+        """After a failure: end the open requests, answer new ones with the error, exit on `_Stop`."""
+        assert self.failure is not None
+        failure = self.failure
+        self._end_all(lambda: EngineDeadError(failure))
+        while not isinstance(command := self._inbox.get(), _Stop):
+            if isinstance(command, _Add):
+                _deliver(command.sink, EngineDeadError(failure))
 
     def _dispatch(self, events: list[Event]) -> None:
         grouped: dict[int, list[Event]] = {}
@@ -103,14 +148,16 @@ class AsyncEngine:
         prompt_logprobs: bool,
     ) -> AsyncGenerator[TokenEvent, None]:
         """Admit a request (or raise `OverloadedError`) and yield its tokens; closing cancels it."""
+        if self.failure is not None:
+            raise EngineDeadError(self.failure)
         if self.in_flight >= self._max_concurrent:
             raise OverloadedError()
         self.in_flight += 1
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[list[Event]] = asyncio.Queue()
+        events: asyncio.Queue[Delivery] = asyncio.Queue()
 
-        def sink(group: list[Event]) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, group)
+        def sink(delivery: Delivery) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, delivery)
 
         request = Request(
             id=next(self._ids),
@@ -124,7 +171,11 @@ class AsyncEngine:
         self._inbox.put(_Add(request, sink))
         try:
             while not finished:
-                for event in await events.get():
+                delivery = await events.get()
+                if isinstance(delivery, ServingError):
+                    finished = True
+                    raise delivery
+                for event in delivery:
                     if isinstance(event, FailureEvent):
                         finished = True
                         raise GenerationError(event.message)
@@ -135,7 +186,17 @@ class AsyncEngine:
             if not finished:
                 self._inbox.put(_Cancel(request.id))
 
+    def abort_all(self, error: Callable[[], ServingError]) -> None:
+        """End every open request with a fresh `error()` (thread-safe)."""
+        self._inbox.put(_Abort(error))
+
     def stop(self) -> None:
         """Stop the engine thread (and the other ranks' loops)."""
         self._inbox.put(_Stop())
         self._thread.join(timeout=30)
+
+
+def _deliver(sink: Sink, delivery: Delivery) -> None:
+    """Hand `delivery` to a request's stream; a stream whose event loop is gone needs nothing."""
+    with contextlib.suppress(RuntimeError):
+        sink(delivery)

@@ -40,7 +40,7 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class FailureEvent:
-    """The engine failed while this request was open."""
+    """The step that held this request ran out of memory; the engine goes on."""
 
     request_id: int
     message: str
@@ -113,7 +113,11 @@ class Engine:
         start = self._clock()
         try:
             events = self._run(out, start)
-        except Exception as exc:
+        except torch.OutOfMemoryError as exc:
+            # The one failure a single rank recovers from: fail this batch, keep serving. Anything else (and
+            # any failure under tensor parallelism, where the ranks are out of step) ends the engine.
+            if not self.runner.alone:
+                raise
             self.runner.reset()
             failed = self.scheduler.abort_all()
             for request in failed:

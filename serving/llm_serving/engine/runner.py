@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +24,6 @@ class StepPlan:
     decode_tokens: tuple[int, ...]
     prompts: tuple[tuple[int, ...], ...]
     prompt_logprobs: tuple[bool, ...]
-    reset: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,6 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.batch: Batch | None = None
         self._broadcast = broadcast
-        self._reset_pending = False
 
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache, keep: int
@@ -105,12 +103,8 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan) -> StepLogits:
         """Run one step on this rank (broadcasting the plan first on rank 0 of a TP group)."""
-        if self._reset_pending:
-            plan, self._reset_pending = replace(plan, reset=True), False
         if self._broadcast is not None:
             self._broadcast(plan)
-        if plan.reset:
-            self.batch = None
         with torch.inference_mode():
             batch = self.batch.filter(plan.keep) if self.batch is not None else None
             parts: list[torch.Tensor] = []
@@ -125,10 +119,14 @@ class ModelRunner:
             logits = torch.cat(parts, dim=0).cpu() if parts else torch.empty(0)
         return StepLogits(logits=logits, prompt_logprobs=prompt_logprobs)
 
+    @property
+    def alone(self) -> bool:
+        """Whether this runner has no tensor-parallel peers."""
+        return self._broadcast is None
+
     def reset(self) -> None:
-        """Drop the batch after a failure, here now and on the other ranks with the next plan."""
+        """Drop the batch after a failed step (a runner without peers only)."""
         self.batch = None
-        self._reset_pending = True
 
     def shutdown(self) -> None:
         """Tell the other ranks to leave their loop."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
 
@@ -11,28 +12,34 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llm_serving.errors import ServingError
+from llm_serving.errors import ServingError, UnauthorizedError
 from llm_serving.http import openai, tgi
 from llm_serving.http.io import ClientDisconnected, error_response
-from llm_serving.http.openapi import openapi_document
+from llm_serving.http.openapi import OPEN_PATHS, openapi_document
 from llm_serving.http.state import AppState
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _authorized(state: AppState, request: Request) -> bool:
-    if not state.api_key:
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def authorized(api_key: str | None, authorization: str) -> bool:
+    """Whether an `Authorization` header carries the key (always, without a key); constant-time."""
+    if not api_key:
         return True
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), state.api_key.encode())
+    scheme, _, token = authorization.partition(" ")
+    match = hmac.compare_digest(_digest(token.strip()), _digest(api_key))
+    return scheme.lower() == "bearer" and match
 
 
 def _endpoint(handler: Handler, *, protected: bool) -> Handler:
     async def endpoint(request: Request) -> Response:
         state: AppState = request.app.state.serving
-        if protected and not _authorized(state, request):
-            return Response(status_code=401)
         try:
+            if protected and not authorized(state.api_key, request.headers.get("authorization", "")):
+                raise UnauthorizedError()
             return await handler(request)
         except ServingError as exc:
             return error_response(exc)
@@ -54,22 +61,24 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def build_app(state: AppState) -> Starlette:
     """The ASGI app for `state`; the model may still be loading (`/health` says 503 until then)."""
-    gen = {"protected": True}
-    open_ = {"protected": False}
+    table: list[tuple[str, str, Handler]] = [
+        ("POST", "/", tgi.compat_generate),
+        ("GET", "/", tgi.health),
+        ("POST", "/generate", tgi.generate),
+        ("POST", "/generate_stream", tgi.generate_stream),
+        ("POST", "/tokenize", tgi.tokenize),
+        ("GET", "/info", tgi.info),
+        ("GET", "/health", tgi.health),
+        ("GET", "/ping", tgi.health),
+        ("GET", "/metrics", tgi.metrics),
+        ("GET", "/v1/models", openai.models),
+        ("POST", "/v1/chat/completions", openai.chat_completions),
+        ("POST", "/v1/completions", openai.completions),
+        ("GET", "/openapi.json", _openapi),
+    ]
     routes = [
-        Route("/", _endpoint(tgi.compat_generate, **gen), methods=["POST"]),
-        Route("/", _endpoint(tgi.health, **open_), methods=["GET"]),
-        Route("/generate", _endpoint(tgi.generate, **gen), methods=["POST"]),
-        Route("/generate_stream", _endpoint(tgi.generate_stream, **gen), methods=["POST"]),
-        Route("/tokenize", _endpoint(tgi.tokenize, **gen), methods=["POST"]),
-        Route("/info", _endpoint(tgi.info, **open_), methods=["GET"]),
-        Route("/health", _endpoint(tgi.health, **open_), methods=["GET"]),
-        Route("/ping", _endpoint(tgi.health, **open_), methods=["GET"]),
-        Route("/metrics", _endpoint(tgi.metrics, **open_), methods=["GET"]),
-        Route("/v1/models", _endpoint(openai.models, **open_), methods=["GET"]),
-        Route("/v1/chat/completions", _endpoint(openai.chat_completions, **gen), methods=["POST"]),
-        Route("/v1/completions", _endpoint(openai.completions, **gen), methods=["POST"]),
-        Route("/openapi.json", _openapi, methods=["GET"]),
+        Route(path, _endpoint(handler, protected=path not in OPEN_PATHS), methods=[method])
+        for method, path, handler in table
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
     app.state.serving = state

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import re
 from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, TypeVar
 
@@ -33,12 +35,40 @@ ACCEPTED_MEDIA_TYPES = ("", "application/json", "application/x-www-form-urlencod
 def error_response(error: ServingError) -> Response:
     """The one place an error becomes an HTTP answer."""
     if error.plain:
-        return PlainTextResponse(error.text, status_code=error.status)
-    return JSONResponse(error.body(), status_code=error.status)
+        return PlainTextResponse(error.text, status_code=error.status, headers=error.headers())
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+# A `\u` escape of a UTF-16 surrogate: only then can a parsed string hold a lone one (checked after parsing).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    """Numbers beyond float64 are an error, as in serde_json (Python would read them as infinity)."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+def parse_json(raw: bytes) -> Any:
+    """Parse a body as TGI's serde_json does: no NaN/Infinity, no out-of-range numbers, no lone surrogates;
+    nesting too deep for the parser is a syntax error too. Raises `BadJsonError` (400)."""
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+        if _SURROGATE_ESCAPE.search(raw):
+            json.dumps(data, ensure_ascii=False).encode()
+    except RecursionError as exc:
+        raise BadJsonError("recursion limit exceeded") from exc
+    except UnicodeEncodeError as exc:
+        raise BadJsonError("lone surrogate in a \\u escape") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadJsonError(str(exc)) from exc
+    return data
 
 
 async def read_json(request: Request, model: type[M], max_bytes: int) -> M:
@@ -56,11 +86,7 @@ async def read_json(request: Request, model: type[M], max_bytes: int) -> M:
         if size > max_bytes:
             raise BodyTooLargeError()
         chunks.append(chunk)
-    raw = b"".join(chunks)
-    try:
-        data = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadJsonError(str(exc)) from exc
+    data = parse_json(b"".join(chunks))
     try:
         return model.model_validate(data)
     except PydanticError as exc:

@@ -45,7 +45,7 @@ async def _chat_events(
     service: GenerationService, body: ChatRequest, model: str, created: int
 ) -> AsyncGenerator[str, None]:
     try:
-        valid = _validate_chat(service, body)
+        valid = await service.off_loop(lambda: _validate_chat(service, body))
         want = bool(body.logprobs)
         async with aclosing(service.stream(valid)) as items:
             async for item in items:
@@ -74,7 +74,7 @@ async def chat_completions(request: Request) -> Response:
     model, created = _model_name(state, body.model), int(time.time())
     if body.stream:
         return EventStream(_chat_events(service, body, model, created))
-    valid = _validate_chat(service, body)
+    valid = await service.off_loop(lambda: _validate_chat(service, body))
     result = await until_disconnect(request, service.generate(valid))
     return JSONResponse(render_openai.chat_completion(result, model, created, bool(body.logprobs)))
 
@@ -98,7 +98,8 @@ async def _completion_events(
     state: AppState, service: GenerationService, body: CompletionRequest, model: str, created: int
 ) -> AsyncGenerator[str, None]:
     try:
-        for index, valid in enumerate(_validate_completion(state, service, body)):
+        valids = await service.off_loop(lambda: _validate_completion(state, service, body))
+        for index, valid in enumerate(valids):
             async with aclosing(service.stream(valid)) as items:
                 async for item in items:
                     use = None
@@ -117,7 +118,7 @@ async def completions(request: Request) -> Response:
     model, created = _model_name(state, body.model), int(time.time())
     if body.stream:
         return EventStream(_completion_events(state, service, body, model, created))
-    valids = _validate_completion(state, service, body)
+    valids = await service.off_loop(lambda: _validate_completion(state, service, body))
     work = asyncio.gather(*(service.generate(v) for v in valids))
     results = await until_disconnect(request, work)
     return JSONResponse(render_openai.completion(list(results), model, created))

@@ -11,34 +11,35 @@ from llm_serving.protocol import openai, tgi
 
 REF = "#/components/schemas/{model}"
 
-# (method, path, summary, request type or None, response type or None, protected)
-ROUTES: list[tuple[str, str, str, Any, Any, bool]] = [
+# With an API key, every route needs it but these two: the kubelet's probe and Prometheus' scrape.
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+# (method, path, summary, request type or None, response type or None)
+ROUTES: list[tuple[str, str, str, Any, Any]] = [
     (
         "post",
         "/",
         "Generate (TGI compat; a list, or SSE with stream)",
         tgi.CompatGenerateRequest,
         list[tgi.GenerateResponse],
-        True,
     ),
-    ("get", "/", "Health", None, None, False),
-    ("post", "/generate", "Generate tokens", tgi.GenerateRequest, tgi.GenerateResponse, True),
-    ("post", "/generate_stream", "Generate a stream of tokens (SSE)", tgi.GenerateRequest, None, True),
-    ("post", "/tokenize", "Tokenize inputs", tgi.GenerateRequest, list[tgi.SimpleToken], True),
-    ("get", "/info", "Model and server info", None, tgi.Info, False),
-    ("get", "/health", "Health: 200 once the model is loaded", None, None, False),
-    ("get", "/ping", "Health", None, None, False),
-    ("get", "/metrics", "Prometheus metrics", None, None, False),
-    ("get", "/v1/models", "List models", None, openai.ModelList, False),
+    ("get", "/", "Health", None, None),
+    ("post", "/generate", "Generate tokens", tgi.GenerateRequest, tgi.GenerateResponse),
+    ("post", "/generate_stream", "Generate a stream of tokens (SSE)", tgi.GenerateRequest, None),
+    ("post", "/tokenize", "Tokenize inputs", tgi.GenerateRequest, list[tgi.SimpleToken]),
+    ("get", "/info", "Model and server info", None, tgi.Info),
+    ("get", "/health", "Health: 200 once the model is loaded", None, None),
+    ("get", "/ping", "Health", None, None),
+    ("get", "/metrics", "Prometheus metrics", None, None),
+    ("get", "/v1/models", "List models", None, openai.ModelList),
     (
         "post",
         "/v1/chat/completions",
         "OpenAI chat completions",
         openai.ChatRequest,
         openai.ChatCompletion,
-        True,
     ),
-    ("post", "/v1/completions", "OpenAI completions", openai.CompletionRequest, openai.Completion, True),
+    ("post", "/v1/completions", "OpenAI completions", openai.CompletionRequest, openai.Completion),
 ]
 
 
@@ -54,7 +55,7 @@ def openapi_document() -> dict[str, Any]:
     components: dict[str, Any] = {"ErrorResponse": _schema(tgi.ErrorResponse, {})}
     error = {"application/json": {"schema": {"$ref": REF.format(model="ErrorResponse")}}}
     paths: dict[str, Any] = {}
-    for method, path, summary, request, response, protected in ROUTES:
+    for method, path, summary, request, response in ROUTES:
         op: dict[str, Any] = {"summary": summary, "responses": {}}
         ok: dict[str, Any] = {"description": "OK"}
         if response is not None:
@@ -68,9 +69,9 @@ def openapi_document() -> dict[str, Any]:
             op["responses"]["422"] = {"description": "Input validation error", "content": error}
             op["responses"]["429"] = {"description": "Model is overloaded", "content": error}
             op["responses"]["424"] = {"description": "Generation error", "content": error}
-        if protected:
+        if path not in OPEN_PATHS:
             op["security"] = [{"bearer": []}]
-            op["responses"]["401"] = {"description": "Missing or wrong bearer token"}
+            op["responses"]["401"] = {"description": "Missing or wrong bearer token", "content": error}
         paths.setdefault(path, {})[method] = op
     return {
         "openapi": "3.1.0",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llm_serving.config import Limits
-from llm_serving.errors import UnhealthyError
+from llm_serving.errors import DrainingError, UnhealthyError
 from llm_serving.metrics import Metrics
 from llm_serving.service import GenerationService
 
@@ -33,7 +33,7 @@ class AppState:
     def ready_service(self) -> GenerationService:
         """The service, or 503 while loading or draining."""
         if self.draining:
-            raise UnhealthyError("Server is shutting down")
+            raise DrainingError()
         if self.service is None:
             raise UnhealthyError("Model is not loaded yet")
         return self.service

@@ -13,7 +13,7 @@ from llm_serving import render_tgi
 from llm_serving.errors import ServingError
 from llm_serving.http.io import EventStream, read_json, sse_data, until_disconnect
 from llm_serving.http.state import AppState
-from llm_serving.protocol.tgi import CompatGenerateRequest, GenerateRequest, Info, SimpleToken
+from llm_serving.protocol.tgi import CompatGenerateRequest, GenerateRequest, Info
 from llm_serving.service import GenerationService
 
 VERSION = "3.3.6-llm-serving"
@@ -34,7 +34,7 @@ def _full_text(state: AppState, body: GenerateRequest, *, compat: bool) -> bool:
 async def _generate(request: Request, body: GenerateRequest, *, compat: bool) -> Response:
     state = _state(request)
     service = state.ready_service()
-    valid = service.validate(body.inputs, body.parameters, stream=False)
+    valid = await service.off_loop(lambda: service.validate(body.inputs, body.parameters, stream=False))
     result = await until_disconnect(request, service.generate(valid))
     payload = render_tgi.generate_response(
         result, service.tokenizer.decode, _full_text(state, body, compat=compat)
@@ -48,7 +48,7 @@ async def _token_events(
 ) -> AsyncGenerator[str, None]:
     """The SSE body: validation and overload errors arrive as events, after a 200."""
     try:
-        valid = service.validate(body.inputs, body.parameters, stream=True)
+        valid = await service.off_loop(lambda: service.validate(body.inputs, body.parameters, stream=True))
         full = _full_text(state, body, compat=compat)
         async with aclosing(service.stream(valid)) as items:
             index = 0
@@ -86,14 +86,7 @@ async def tokenize(request: Request) -> Response:
     state = _state(request)
     body = await read_json(request, GenerateRequest, state.limits.max_body_bytes)
     service = state.ready_service()
-    encoding = service.tokenizer(body.inputs, return_offsets_mapping=True)
-    raw = body.inputs.encode()
-    tokens: list[SimpleToken] = []
-    for token_id, (start, stop) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True):
-        byte_start, byte_stop = len(body.inputs[:start].encode()), len(body.inputs[:stop].encode())
-        text = raw[byte_start:byte_stop].decode(errors="replace")
-        tokens.append({"id": int(token_id), "text": text, "start": byte_start, "stop": byte_stop})
-    return JSONResponse(tokens)
+    return await service.off_loop(lambda: JSONResponse(service.simple_tokens(body.inputs)))
 
 
 async def info(request: Request) -> Response:
@@ -108,7 +101,7 @@ async def info(request: Request) -> Response:
         "max_stop_sequences": limits.max_stop_sequences,
         "max_input_tokens": limits.max_input_tokens,
         "max_total_tokens": limits.max_total_tokens,
-        "validation_workers": 1,
+        "validation_workers": limits.validation_workers,
         "max_client_batch_size": limits.max_client_batch_size,
         "router": "llm-serving",
         "version": VERSION,
@@ -119,9 +112,10 @@ async def info(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """200 with an empty body once the model is loaded and the server is not draining; 503 otherwise."""
+    """200 with an empty body once the model is loaded, while the engine runs and the server is not draining;
+    503 otherwise (for good once the engine has failed, so that the kubelet restarts the pod)."""
     state = _state(request)
-    if state.service is None or state.draining:
+    if state.service is None or state.draining or state.service.failure is not None:
         return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
     return Response(status_code=200)
 

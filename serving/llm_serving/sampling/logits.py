@@ -80,20 +80,25 @@ def frequency_penalty(logits: torch.Tensor, rows: Sequence[RowContext]) -> None:
 
 
 def penalize(logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:
-    """Watermark, repetition and frequency penalties on float32 `[B, V]` logits (a copy), in TGI's order."""
+    """Watermark, repetition and frequency penalties on float32 `[B, V]` logits (a copy), in TGI's order.
+
+    An extreme penalty (any positive float32 is valid) can push a logit to +infinity; it is kept at the
+    largest float32 instead, so the row stays a distribution."""
     out = logits.float().clone()
     for step in (watermark, repetition_penalty, frequency_penalty):
         step(out, rows)
-    return out
+    return out.clamp_(max=torch.finfo(out.dtype).max)
 
 
 def candidates(scores: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperature, then the most likely tokens in descending order: `(values, token ids)`, both `[B, K]`.
+    """Temperature, then the most likely tokens in descending order: `(values, token ids)`, both `[B, K]`;
+    values are shifted so that each row's best is 0.
 
     K is the largest `top_k` (the whole vocabulary if a row has none), so the warpers below work on K columns.
     """
     temps = torch.tensor([p.temperature for p in params], dtype=scores.dtype).unsqueeze(1)
-    scores = scores / temps
+    # Shifted so that the best score is 0 first: the same distribution, and finite for any temperature > 0.
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / temps
     vocab = scores.shape[-1]
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     width = max(ks)

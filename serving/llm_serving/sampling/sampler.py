@@ -25,7 +25,10 @@ def make_generator(seed: int | None) -> torch.Generator | None:
 
 
 def _top(ids: torch.Tensor, logprobs: torch.Tensor, n: int) -> tuple[tuple[int, float], ...]:
-    return tuple((int(i), float(lp)) for i, lp in zip(ids[:n].tolist(), logprobs[:n].tolist(), strict=True))
+    """The first `n` alternatives; a token a warper removed (-inf) gets the lowest finite float32, so that
+    the answer stays valid JSON."""
+    finite = logprobs[:n].clamp(min=torch.finfo(logprobs.dtype).min)
+    return tuple((int(i), float(lp)) for i, lp in zip(ids[:n].tolist(), finite.tolist(), strict=True))
 
 
 def choose(

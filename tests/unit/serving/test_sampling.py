@@ -85,3 +85,34 @@ def test_stopping_order_and_stop_strings() -> None:
     assert check_stop(1, 1, "the END", "ND", p, {5}) is FinishReason.STOP_SEQUENCE
     assert check_stop(1, 1, "the END and more", " more", p, {5}) is None
     assert check_stop(5, 1, "x", "x", StoppingParams(max_new_tokens=9, ignore_eos=True), {5}) is None
+
+
+def test_extreme_valid_parameters_give_a_distribution() -> None:
+    """Any positive float32 temperature or penalty is valid: the logprobs stay finite (no NaN, no 500)."""
+    cases: list[dict[str, float]] = [
+        {"temperature": 1e-40},
+        {"temperature": 3e38},
+        {"repetition_penalty": 1e-40},
+        {"repetition_penalty": 3e38},
+        {
+            "temperature": 1e-40,
+            "repetition_penalty": 1e-40,
+            "top_p": 0.5,
+            "typical_p": 0.5,
+            "top_n_tokens": 3,
+        },
+    ]
+    for params in cases:
+        for do_sample in (True, False):
+            rows = [RowContext(SamplingParams(do_sample=do_sample, seed=0, **params), (1, 3), ())]  # type: ignore[arg-type]
+            [choice] = choose(LOGITS, rows, [make_generator(0)])
+            assert math.isfinite(choice.logprob), params
+            assert all(math.isfinite(lp) for _, lp in choice.top), params
+    [cold] = choose(LOGITS, [row(do_sample=True, temperature=1e-40)], [make_generator(0)])
+    assert (cold.token, cold.logprob) == (0, 0.0)
+
+
+def test_top_tokens_removed_by_a_warper_stay_finite() -> None:
+    [choice] = choose(LOGITS, [row(do_sample=True, top_p=0.01, top_n_tokens=3)], [make_generator(0)])
+    assert len(choice.top) == 3
+    assert all(math.isfinite(lp) for _, lp in choice.top)

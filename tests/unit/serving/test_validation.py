@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from llm_serving.config import Limits
 from llm_serving.errors import ValidationError
 from llm_serving.protocol.tgi import GenerateParameters, GenerateRequest
-from llm_serving.validation import validate_input, validate_parameters
+from llm_serving.validation import as_float32, validate_input, validate_parameters
 
 LIMITS = Limits(max_input_tokens=10, max_total_tokens=20)
 
@@ -36,12 +37,27 @@ def check(stream: bool = False, **fields: Any) -> Any:
         ({"best_of": 3, "do_sample": True}, "`best_of` must be > 0 and <= 2. Given: 3"),
         ({"best_of": 2, "do_sample": True, "seed": 1}, "`seed` must not be set when `best_of` > 1"),
         ({"grammar": {"type": "json", "value": {}}}, "grammar is not supported"),
+        ({"temperature": 1e-300}, "`temperature` must be strictly positive"),
+        ({"repetition_penalty": 1e-300}, "`repetition_penalty` must be strictly positive"),
+        ({"top_p": 1e-300}, "`top_p` must be > 0.0 and < 1.0"),
+        ({"typical_p": 1 - 1e-12}, "`typical_p` must be > 0.0 and < 1.0"),
+        (
+            {"temperature": math.inf},
+            "`temperature` must be a finite float32 (at most 3.4028235e38). Given: inf",
+        ),
+        (
+            {"repetition_penalty": 1e39},
+            "`repetition_penalty` must be a finite float32 (at most 3.4028235e38)",
+        ),
+        ({"temperature": math.nan}, "`temperature` must be strictly positive"),
+        ({"top_p": math.nan}, "`top_p` must be > 0.0 and < 1.0"),
+        ({"frequency_penalty": math.nan}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
     ],
 )
 def test_rule_messages(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError) as info:
         check(**fields)
-    assert info.value.text == f"Input validation error: {message}"
+    assert info.value.text.startswith(f"Input validation error: {message}")
     assert info.value.status == 422
     assert info.value.error_type == "validation"
 
@@ -79,3 +95,13 @@ def test_lengths_truncation_and_default_budget() -> None:
         validate_input("x", list(range(5)), check(max_new_tokens=16), LIMITS)
     with pytest.raises(ValidationError, match="`inputs` cannot be empty"):
         validate_input("", [], params, LIMITS)
+
+
+def test_values_are_kept_as_float32() -> None:
+    """What the sampler will use: a float32 subnormal is still positive; 0.1 is float32's 0.1."""
+    sampling = check(temperature=1e-40, repetition_penalty=0.1, top_p=0.3).sampling
+    assert 0 < sampling.temperature < 1.2e-38
+    assert sampling.repetition_penalty == as_float32(0.1) != 0.1
+    assert sampling.top_p == as_float32(0.3)
+    assert as_float32(1e39) == math.inf
+    assert as_float32(-1e39) == -math.inf
