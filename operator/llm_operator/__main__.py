@@ -24,11 +24,12 @@ from llm_operator.autoscale.loop import (
     run_autoscaler,
     static_urls,
 )
-from llm_operator.controller import Controller
+from llm_operator.controller import RESYNC_SECONDS, Controller
+from llm_operator.gateway.admin import ADMIN_PORT
 from llm_operator.handlers import build_registry
 from llm_operator.kube import Credentials, Kube, add_cluster_flags
 from llm_operator.leader import LeaderElector
-from llm_operator.settings import GATEWAY_LABELS, Settings
+from llm_operator.settings import IMAGE_POLICIES, Settings
 
 log = logging.getLogger("llm_operator")
 
@@ -44,9 +45,54 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("POD_NAMESPACE", defaults.system_namespace),
         help="namespace of the operator and gateway",
     )
+    p.add_argument(
+        "--gateway-namespace",
+        help="namespace of the gateway pods, the only pods endpoints' NetworkPolicies admit "
+        "(default: --system-namespace)",
+    )
+    p.add_argument(
+        "--gateway-label",
+        action="append",
+        type=label,
+        dest="gateway_labels",
+        metavar="KEY=VALUE",
+        help="a label of the gateway pods (repeatable; default: "
+        + ",".join(f"{k}={v}" for k, v in defaults.gateway_labels.items())
+        + ")",
+    )
+    p.add_argument(
+        "--image-policy",
+        choices=IMAGE_POLICIES,
+        default=defaults.image_policy,
+        help="which spec.image endpoints may name: any, only --image (default-only), or --allowed-image ones",
+    )
+    p.add_argument(
+        "--allowed-image",
+        action="append",
+        dest="allowed_images",
+        default=[],
+        metavar="PATTERN",
+        help="an image endpoints may name under --image-policy=allow-list (fnmatch pattern; repeatable)",
+    )
+    p.add_argument(
+        "--serving-egress-port",
+        action="append",
+        type=int,
+        dest="serving_egress_ports",
+        metavar="PORT",
+        help="a TCP port serving pods may connect to anywhere, besides DNS (repeatable; default: "
+        + ",".join(map(str, defaults.serving_egress_ports))
+        + "; 0 alone: DNS only)",
+    )
     p.add_argument("--termination-grace-seconds", type=int, default=defaults.termination_grace_seconds)
     p.add_argument("--startup-seconds", type=int, default=defaults.startup_seconds)
     p.add_argument("--workers", type=int, default=16, help="concurrent reconcile passes")
+    p.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=RESYNC_SECONDS,
+        help="full pass of every endpoint this often (a rotated API key reaches the gateway within it)",
+    )
     p.add_argument(
         "--no-leader-election",
         dest="leader_election",
@@ -69,7 +115,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[],
         help="scrape this gateway metrics URL (repeatable; default: the ready gateway pods)",
     )
-    scaling.add_argument("--gateway-metrics-port", type=int, default=8080, help="gateway pods' metrics port")
+    scaling.add_argument(
+        "--gateway-metrics-port", type=int, default=ADMIN_PORT, help="gateway pods' admin (metrics) port"
+    )
     tuning = Tuning()
     scaling.add_argument("--autoscale-interval", type=float, default=AutoscalerSettings().interval)
     scaling.add_argument("--autoscale-window", type=float, default=tuning.window, help="seconds averaged")
@@ -83,13 +131,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def label(text: str) -> tuple[str, str]:
+    """`KEY=VALUE` -> (KEY, VALUE)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The operator's Settings from its flags (a flag left out keeps the dataclass default)."""
+    defaults = Settings()
+    egress = args.serving_egress_ports
+    return Settings(
+        image=args.image,
+        gateway_url=args.gateway_url,
+        system_namespace=args.system_namespace,
+        gateway_namespace=args.gateway_namespace,
+        gateway_labels=dict(args.gateway_labels) if args.gateway_labels else defaults.gateway_labels,
+        termination_grace_seconds=args.termination_grace_seconds,
+        startup_seconds=args.startup_seconds,
+        image_policy=args.image_policy,
+        allowed_images=tuple(args.allowed_images),
+        serving_egress_ports=defaults.serving_egress_ports
+        if egress is None
+        else tuple(port for port in egress if port),
+    )
+
+
 def metrics_source(args: argparse.Namespace, kube: Kube, settings: Settings) -> MetricsSource:
     """Where the autoscaler reads request metrics: Prometheus, listed gateways, or the gateway pods."""
     if args.prometheus_url:
         return PrometheusSource(args.prometheus_url)
     if args.gateway_metrics_url:
         return GatewaySource(static_urls(args.gateway_metrics_url))
-    pods = gateway_pod_urls(kube, settings.system_namespace, GATEWAY_LABELS, args.gateway_metrics_port)
+    pods = gateway_pod_urls(
+        kube, settings.gateway_pods_namespace, settings.gateway_labels, args.gateway_metrics_port
+    )
     return GatewaySource(pods)
 
 
@@ -101,13 +179,7 @@ def autoscaler_settings(args: argparse.Namespace) -> AutoscalerSettings:
 
 
 async def run(args: argparse.Namespace) -> None:
-    settings = Settings(
-        image=args.image,
-        gateway_url=args.gateway_url,
-        system_namespace=args.system_namespace,
-        termination_grace_seconds=args.termination_grace_seconds,
-        startup_seconds=args.startup_seconds,
-    )
+    settings = settings_from(args)
     credentials = Credentials.load(args.kubeconfig, args.context)
     async with Kube(credentials) as kube:
         elector = None
@@ -120,7 +192,14 @@ async def run(args: argparse.Namespace) -> None:
                 lease_seconds=args.lease_seconds,
                 retry_seconds=max(1.0, args.lease_seconds / 5),
             )
-        controller = Controller(kube, settings, workers=args.workers, elector=elector, identity=args.identity)
+        controller = Controller(
+            kube,
+            settings,
+            workers=args.workers,
+            elector=elector,
+            identity=args.identity,
+            resync_seconds=args.resync_seconds,
+        )
         registry = build_registry(controller, credentials)
         work = asyncio.create_task(controller.run(), name="controller")
         scaler = asyncio.create_task(

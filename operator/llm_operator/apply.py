@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import logging
 import secrets
 from datetime import datetime
 from typing import Any
@@ -17,6 +19,7 @@ from llm_operator.settings import AUTOSCALER_FIELD_MANAGER, FIELD_MANAGER
 
 Manifest = dict[str, Any]
 COMPONENT = "llm-operator"
+log = logging.getLogger("llm_operator.apply")
 
 
 async def apply_children(kube: Kube, manifests: list[Manifest]) -> dict[str, Manifest]:
@@ -27,12 +30,12 @@ async def apply_children(kube: Kube, manifests: list[Manifest]) -> dict[str, Man
 
 async def prune(kube: Kube, endpoint: LLMEndpoint, rendered: list[Manifest]) -> list[str]:
     """Delete optional children the spec no longer asks for (only ones this endpoint controls)."""
-    wanted = {(body["apiVersion"], body["kind"]) for body in rendered}
+    wanted = {(body["apiVersion"], body["kind"], body["metadata"]["name"]) for body in rendered}
     deleted = []
     for (api_version, kind), pattern in OPTIONAL_CHILDREN.items():
-        if (api_version, kind) in wanted:
-            continue
         name = pattern.format(name=endpoint.metadata.name)
+        if (api_version, kind, name) in wanted:
+            continue
         try:
             current = await kube.get(api_version, kind, endpoint.metadata.namespace, name)
         except NotFoundError:
@@ -49,19 +52,24 @@ async def prune(kube: Kube, endpoint: LLMEndpoint, rendered: list[Manifest]) -> 
     return deleted
 
 
-async def ensure_api_key(kube: Kube, endpoint: LLMEndpoint) -> bool:
-    """Create `<name>-api-key` with a random token for a protected endpoint that names no Secret.
+async def ensure_api_key(kube: Kube, endpoint: LLMEndpoint) -> Manifest | None:
+    """The `<name>-api-key` Secret of a protected endpoint that names none, created with a random token when
+    missing; None for an endpoint that uses no such Secret.
 
-    Create-only: an existing Secret (rotated by a person) is never touched. True when one was created."""
+    Create-only: an existing Secret (rotated by a person) is never touched, and it is returned as found, so
+    the caller decides with `policy.owned_key_secret` whether it is the endpoint's own."""
     if endpoint.spec.access != "protected" or endpoint.spec.api_key_secret_ref is not None:
-        return False
+        return None
+    name = default_api_key_secret(endpoint)
+    with contextlib.suppress(NotFoundError):
+        return await kube.get("v1", "Secret", endpoint.metadata.namespace, name)
     token = secrets.token_urlsafe(32)
     body = {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
         "metadata": {
-            "name": default_api_key_secret(endpoint),
+            "name": name,
             "namespace": endpoint.metadata.namespace,
             "labels": labels(endpoint),
             "ownerReferences": [owner_reference(endpoint)],
@@ -69,14 +77,17 @@ async def ensure_api_key(kube: Kube, endpoint: LLMEndpoint) -> bool:
         "data": {"token": base64.b64encode(token.encode()).decode()},
     }
     try:
-        await kube.create(body, FIELD_MANAGER)
-    except ConflictError:
-        return False
-    return True
+        created = await kube.create(body, FIELD_MANAGER)
+    except ConflictError:  # created between the read and the create: read what is there
+        return await kube.get("v1", "Secret", endpoint.metadata.namespace, name)
+    ref = {"namespace": endpoint.metadata.namespace, "endpoint": endpoint.metadata.name}
+    log.info("created the endpoint's API key Secret", extra=ref)
+    return created
 
 
 async def set_replicas(kube: Kube, deployment: Manifest, replicas: int) -> Manifest:
-    """Set a Deployment's replicas as the autoscaler's field manager (the operator's own apply omits them)."""
+    """Set a Deployment's replicas as the autoscaler's field manager (the operator's own apply omits them),
+    on the Deployment itself (not its scale): the chart's admission policy checks the Deployment's labels."""
     meta = deployment["metadata"]
     await kube.merge_patch(
         "apps/v1",
@@ -84,15 +95,19 @@ async def set_replicas(kube: Kube, deployment: Manifest, replicas: int) -> Manif
         meta["namespace"],
         meta["name"],
         {"spec": {"replicas": replicas}},
-        subresource="scale",
         field_manager=AUTOSCALER_FIELD_MANAGER,
     )
     return {**deployment, "spec": {**deployment.get("spec", {}), "replicas": replicas}}
 
 
 def status_patch(status: LLMEndpointStatus) -> Manifest:
-    """The status as written by the operator: everything but lastRequestTime, which the autoscaler owns."""
-    return status.model_dump(by_alias=True, exclude_none=True, mode="json", exclude={"last_request_time"})
+    """The status as written by the operator: everything but lastRequestTime (the autoscaler's) and
+    wakeRequestedAt (the gateway's), which the merge patch leaves as they are; apiKeyHash always, null
+    when there is none, so a hash no longer wanted is removed."""
+    patch = status.model_dump(
+        by_alias=True, exclude_none=True, mode="json", exclude={"last_request_time", "wake_requested_at"}
+    )
+    return {**patch, "apiKeyHash": patch.get("apiKeyHash")}
 
 
 async def write_status(

@@ -30,6 +30,7 @@ QUEUE_DEPTH = Gauge("llm_operator_queue_depth", "Endpoints waiting for a reconci
 
 BASE_DELAY, MAX_DELAY = 0.5, 60.0
 RESYNC_SECONDS = 600.0
+"""Every endpoint gets a full pass this often (drift no event showed, a rotated API key Secret)."""
 
 
 def retry_delay(error: Exception, failures: int) -> float | None:
@@ -53,8 +54,10 @@ class Controller:
         elector: LeaderElector | None = None,
         identity: str = "llm-operator",
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        resync_seconds: float = RESYNC_SECONDS,
     ) -> None:
         self.kube, self.settings, self.workers = kube, settings, workers
+        self.resync_seconds = resync_seconds
         self.elector, self.identity, self.clock = elector, identity, clock
         self.queue: WorkQueue[Key] = WorkQueue()
         self.known: set[Key] = set()
@@ -67,9 +70,9 @@ class Controller:
             self.leading.set()
 
     def endpoint_seen(
-        self, namespace: str, name: str, *, deleted: bool = False, reconcile: bool = True
+        self, namespace: str, name: str, *, deleted: bool = False, reconcile: bool = True, wake: bool = False
     ) -> None:
-        """An LLMEndpoint watch event."""
+        """An LLMEndpoint watch event; `wake`: a gateway asks for a replica (a quick pass, not a full one)."""
         key = (namespace, name)
         if deleted:
             self.known.discard(key)
@@ -77,8 +80,8 @@ class Controller:
             self._full.discard(key)
             return
         self.known.add(key)
-        if reconcile:
-            self._want(key, children=True)
+        if reconcile or wake:
+            self._want(key, children=reconcile)
 
     def child_seen(self, namespace: str, endpoint: str, *, drifted: bool = True) -> None:
         """A watch event of a child or pod labelled with its endpoint's name; `drifted`: someone may have
@@ -160,7 +163,7 @@ class Controller:
             tasks.append(asyncio.create_task(self.elector.run(), name="leader-election"))
         try:
             while True:
-                await asyncio.sleep(RESYNC_SECONDS)
+                await asyncio.sleep(self.resync_seconds)
                 self.resync()
         finally:
             for task in tasks:

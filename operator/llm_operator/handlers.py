@@ -16,7 +16,8 @@ import kopf
 from llm_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 from llm_operator.controller import Controller
 from llm_operator.kube import Credentials
-from llm_operator.settings import ENDPOINT_LABEL, FIELD_MANAGER, MANAGED_BY
+from llm_operator.settings import AUTOSCALER_FIELD_MANAGER, ENDPOINT_LABEL, FIELD_MANAGER, MANAGED_BY
+from llm_operator.status import wake_requested
 
 CHILDREN = (
     ("apps", "v1", "deployments"),
@@ -40,14 +41,15 @@ def only_ours(event_type: str | None, meta: Mapping[str, Any]) -> bool:
 def may_have_drifted(event_type: str | None, kind: str, meta: Mapping[str, Any]) -> bool:
     """Whether a child's event may show a change to what the operator applies (so the next pass applies).
 
-    Pods are not applied; other writers' status and scale writes (controllers, the autoscaler) change
-    nothing the operator owns. Deletions, first listings and any other writer's edits may."""
+    Pods are not applied; other writers' status and scale writes (controllers) and the autoscaler's replicas
+    change nothing the operator owns. Deletions, first listings and any other writer's edits may."""
     if kind == "Pod":
         return False
     if event_type not in ("ADDED", "MODIFIED"):
         return True
     return any(
-        entry.get("manager") != FIELD_MANAGER and entry.get("subresource") not in ("status", "scale")
+        entry.get("manager") not in (FIELD_MANAGER, AUTOSCALER_FIELD_MANAGER)
+        and entry.get("subresource") not in ("status", "scale")
         for entry in meta.get("managedFields") or ()
     )
 
@@ -86,10 +88,15 @@ def build_registry(controller: Controller, credentials: Credentials) -> kopf.Ope
         type: str, name: str, namespace: str | None, meta: kopf.Meta, status: kopf.Status, **_: Any
     ) -> None:
         # a MODIFIED event of an already observed generation is a status or metadata write (the
-        # operator's own, or the autoscaler's): the endpoint is known, but there is nothing to reconcile
+        # operator's own, or the autoscaler's): the endpoint is known, but there is nothing to reconcile,
+        # unless a gateway asks for a wake
         observed = type == "MODIFIED" and meta.get("generation") == status.get("observedGeneration")
         controller.endpoint_seen(
-            namespace or "default", name, deleted=type == "DELETED", reconcile=not observed
+            namespace or "default",
+            name,
+            deleted=type == "DELETED",
+            reconcile=not observed,
+            wake=wake_requested(status),
         )
 
     def child_event(

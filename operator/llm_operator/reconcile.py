@@ -15,13 +15,14 @@ from typing import Any
 
 import pydantic
 
-from llm_operator import apply, metrics
+from llm_operator import apply, metrics, policy
 from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint, LLMEndpointStatus
+from llm_operator.apikey import published_key
 from llm_operator.errors import InvalidEndpointError, NotFoundError
 from llm_operator.kube import Kube
 from llm_operator.render import render, replica_correction, selector
 from llm_operator.settings import Settings
-from llm_operator.status import announcement, compute_status
+from llm_operator.status import announcement, compute_status, wake_due
 
 Manifest = dict[str, Any]
 log = logging.getLogger("llm_operator.reconcile")
@@ -71,30 +72,48 @@ async def reconcile(
     endpoint = parse(body)
     spec_changed = endpoint.status.observed_generation != endpoint.metadata.generation
 
+    # a refused endpoint (policy.py) gets nothing applied; what an earlier spec made stays as it is
+    refused = policy.image_refusal(endpoint, settings)
+    key_secret = None if refused else await apply.ensure_api_key(kube, endpoint)
+    if key_secret is not None:
+        refused = policy.key_secret_refusal(key_secret, endpoint)
+    elif (named := endpoint.spec.api_key_secret_ref) is not None and not refused:
+        key_secret = await _named_key_secret(kube, endpoint, named.name)
+    key_hash = published_key(endpoint, key_secret)  # read on every pass: a rotated key reaches the gateway
+    waking = wake_due(endpoint.status)
+
     deployment = None
-    if not children and not spec_changed:
+    if refused or (not children and not spec_changed):
         with contextlib.suppress(NotFoundError):
             deployment = await kube.get("apps/v1", "Deployment", namespace, name)
     pruned: list[str] = []
-    if deployment is None:
-        rendered = render(endpoint, settings)
+    if deployment is None and not refused:
+        # the pod template follows the key read this pass, so a rotated key rolls the pods
+        current_key = endpoint.model_copy(
+            update={"status": endpoint.status.model_copy(update={"api_key_hash": key_hash})}
+        )
+        rendered = render(current_key, settings)
         deployment = (await apply.apply_children(kube, rendered))["Deployment"]
-        if spec_changed:
-            if endpoint.metadata.generation > 1:  # a first spec has nothing to prune
-                pruned = await apply.prune(kube, endpoint, rendered)
-            if await apply.ensure_api_key(kube, endpoint):
-                log.info("created the endpoint's API key Secret", extra=_ref(endpoint))
+        if spec_changed and endpoint.metadata.generation > 1:  # a first spec has nothing to prune
+            pruned = await apply.prune(kube, endpoint, rendered)
 
-    scaled_to = replica_correction(deployment.get("spec", {}).get("replicas"), endpoint)
-    if scaled_to is not None:
-        deployment = await apply.set_replicas(kube, deployment, scaled_to)
-
-    # a Deployment the controller has not yet seen (no status) has no pods: skip the read
+    scaled_to = None
     pods = []
-    if deployment.get("status"):
-        pods = await kube.list("v1", "Pod", namespace, labels=selector(endpoint))
+    if deployment is not None:
+        current = deployment.get("spec", {}).get("replicas")
+        scaled_to = replica_correction(current, endpoint)
+        if waking and scaled_to is None and current == 0 and not (refused or endpoint.spec.paused):
+            scaled_to = 1  # a gateway holds a request: one replica at once, then the autoscaler decides
+        if scaled_to is not None:
+            deployment = await apply.set_replicas(kube, deployment, scaled_to)
+        # a Deployment the controller has not yet seen (no status) has no pods: skip the read
+        if deployment.get("status"):
+            pods = await kube.list("v1", "Pod", namespace, labels=selector(endpoint))
     events = await _scheduling_events(kube, namespace, pods)
-    status = compute_status(endpoint, deployment, pods, events, now(), settings.url(namespace, name))
+    url = settings.url(namespace, name)
+    status = compute_status(endpoint, deployment, pods, events, now(), url, refused)
+    acknowledged = endpoint.status.wake_requested_at if waking else endpoint.status.wake_acknowledged
+    status = status.model_copy(update={"api_key_hash": key_hash, "wake_acknowledged": acknowledged})
     metrics.record(endpoint, status)
 
     written = False
@@ -113,6 +132,15 @@ async def reconcile(
             instance=instance,
         )
     return Outcome(status, written, tuple(pruned), scaled_to)
+
+
+async def _named_key_secret(kube: Kube, endpoint: LLMEndpoint, name: str) -> Manifest | None:
+    """The Secret spec.apiKeySecretRef names; None (every request refused) while it does not exist."""
+    try:
+        return await kube.get("v1", "Secret", endpoint.metadata.namespace, name)
+    except NotFoundError:
+        log.warning("API key Secret %s not found: every request is refused", name, extra=_ref(endpoint))
+        return None
 
 
 async def _scheduling_events(kube: Kube, namespace: str, pods: list[Manifest]) -> list[Manifest]:

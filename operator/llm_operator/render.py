@@ -6,18 +6,22 @@ the rendered objects never moves it and GitOps tools see no drift in anything th
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from llm_operator.api.common import SecretKeyRef
 from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint
 from llm_operator.settings import (
     ACCESS_ANNOTATION,
+    API_KEY_ENV,
     API_KEY_KEY_ANNOTATION,
+    API_KEY_REF_ANNOTATION,
     API_KEY_SECRET_ANNOTATION,
     ENDPOINT_LABEL,
     GPU_PRODUCT_LABEL,
     GPU_PRODUCTS,
     GPU_RESOURCE,
+    GRACEFUL_SHUTDOWN_ENV,
     MANAGED_BY,
     URL_ANNOTATION,
     Settings,
@@ -29,6 +33,10 @@ CONTAINER = "server"
 CACHE_MOUNT = "/cache"
 MODEL_MOUNT = "/mnt/model"
 PRESTOP_SLEEP_SECONDS = 5
+"""The serving pod's preStop pause: Services and the gateway stop sending it work before SIGTERM."""
+EXIT_MARGIN_SECONDS = 5
+"""What the grace period keeps, after the drain, for the server to exit before SIGKILL."""
+DNS_PORT = 53
 # kinds render may or may not emit, by (apiVersion, kind) -> name of the object for an endpoint
 OPTIONAL_CHILDREN = {
     ("networking.k8s.io/v1", "NetworkPolicy"): "{name}",
@@ -108,10 +116,14 @@ def model_args(endpoint: LLMEndpoint) -> list[str]:
     return [*args, "--dtype", model.dtype]
 
 
+def drain_seconds(settings: Settings) -> int:
+    """The server's drain budget after SIGTERM: the grace period less the preStop pause and exit margin."""
+    return max(1, settings.termination_grace_seconds - PRESTOP_SLEEP_SECONDS - EXIT_MARGIN_SECONDS)
+
+
 def server_args(endpoint: LLMEndpoint, settings: Settings) -> list[str]:
     """All flags of `python -m llm_serving`."""
-    drain = max(1, settings.termination_grace_seconds - PRESTOP_SLEEP_SECONDS - 5)
-    args = [*model_args(endpoint), "--port", str(settings.port), "--drain-seconds", str(drain)]
+    args = [*model_args(endpoint), "--port", str(settings.port)]
     limits = endpoint.spec.generation
     for flag, value in (
         ("--max-input-tokens", limits.max_input_tokens),
@@ -124,18 +136,33 @@ def server_args(endpoint: LLMEndpoint, settings: Settings) -> list[str]:
     return args
 
 
-def _env(endpoint: LLMEndpoint) -> list[dict[str, Any]]:
+def _secret_env(name: str, ref: SecretKeyRef) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def _env(endpoint: LLMEndpoint, settings: Settings) -> list[dict[str, Any]]:
+    """The container's env; spec.env may not set the two the operator owns (API_KEY, the drain budget)."""
     spec = endpoint.spec
-    env: list[dict[str, Any]] = []
+    env: list[dict[str, Any]] = [{"name": GRACEFUL_SHUTDOWN_ENV, "value": str(drain_seconds(settings))}]
+    if key := api_key_ref(endpoint):
+        env.append(_secret_env(API_KEY_ENV, key))
     if spec.model.token_secret_ref:
-        ref = spec.model.token_secret_ref
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+        env.append(_secret_env("HF_TOKEN", spec.model.token_secret_ref))
     if spec.cache:
         env.append({"name": "HF_HOME", "value": CACHE_MOUNT})
     if not spec.model.repository:
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
-    env += [var.model_dump(by_alias=True, exclude_none=True) for var in spec.env or ()]
+    owned = {API_KEY_ENV, GRACEFUL_SHUTDOWN_ENV}
+    env += [
+        var.model_dump(by_alias=True, exclude_none=True) for var in spec.env or () if var.name not in owned
+    ]
     return env
+
+
+def key_ref_hash(ref: SecretKeyRef, published: str | None) -> str:
+    """A short hash of the key Secret's name and key and of the key's published (salted) hash: the pod
+    template changes, and the pods roll, when the reference changes or the key is rotated."""
+    return hashlib.sha256(f"{ref.name}/{ref.key}/{published or ''}".encode()).hexdigest()[:16]
 
 
 def _resources(endpoint: LLMEndpoint) -> dict[str, Any]:
@@ -215,7 +242,7 @@ def deployment(endpoint: LLMEndpoint, settings: Settings) -> Manifest:
         "command": serving_command(spec.ranks),
         "args": server_args(endpoint, settings),
         "ports": [{"name": "http", "containerPort": settings.port, "protocol": "TCP"}],
-        "env": _env(endpoint),
+        "env": _env(endpoint, settings),
         "resources": _resources(endpoint),
         "volumeMounts": mounts,
         "startupProbe": _probe(period=10, failures=max(1, settings.startup_seconds // 10)),
@@ -233,13 +260,10 @@ def deployment(endpoint: LLMEndpoint, settings: Settings) -> Manifest:
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
         **_scheduling(endpoint),
     }
-    template = {
-        "metadata": {
-            "labels": labels(endpoint),
-            "annotations": {"kubectl.kubernetes.io/default-container": CONTAINER},
-        },
-        "spec": pod_spec,
-    }
+    annotations = {"kubectl.kubernetes.io/default-container": CONTAINER}
+    if key := api_key_ref(endpoint):
+        annotations[API_KEY_REF_ANNOTATION] = key_ref_hash(key, endpoint.status.api_key_hash)
+    template = {"metadata": {"labels": labels(endpoint), "annotations": annotations}, "spec": pod_spec}
     return _object(
         endpoint,
         "apps/v1",
@@ -293,15 +317,21 @@ def disruption_budget(endpoint: LLMEndpoint) -> Manifest:
     )
 
 
+def gateway_peer(settings: Settings) -> dict[str, Any]:
+    """The gateway's pods, as a NetworkPolicy peer (both selectors in one peer: pods matching both)."""
+    namespace = {"kubernetes.io/metadata.name": settings.gateway_pods_namespace}
+    return {
+        "namespaceSelector": {"matchLabels": namespace},
+        "podSelector": {"matchLabels": dict(settings.gateway_labels)},
+    }
+
+
 def network_policy(endpoint: LLMEndpoint, settings: Settings) -> Manifest | None:
-    """Protected: only the gateway (and the operator's namespace) reach the pods; private: also the
-    endpoint's own namespace. Public endpoints get none."""
+    """Who may connect to the pods. Protected: the gateway's pods only; private: also the endpoint's own
+    namespace. Public endpoints get none (anyone may call them)."""
     if endpoint.spec.access == "public":
         return None
-    system = {
-        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": settings.system_namespace}}
-    }
-    peers: list[dict[str, Any]] = [system]
+    peers: list[dict[str, Any]] = [gateway_peer(settings)]
     if endpoint.spec.access == "private":
         peers.append({"podSelector": {}})
     return _object(
@@ -314,6 +344,22 @@ def network_policy(endpoint: LLMEndpoint, settings: Settings) -> Manifest | None
             "policyTypes": ["Ingress"],
             "ingress": [{"from": peers, "ports": [{"port": settings.port, "protocol": "TCP"}]}],
         },
+    )
+
+
+def egress_policy(endpoint: LLMEndpoint, settings: Settings) -> Manifest:
+    """Where the pods may connect: DNS, and `serving_egress_ports` (HTTPS, for model downloads) anywhere."""
+    rules: list[dict[str, Any]] = [
+        {"ports": [{"port": DNS_PORT, "protocol": "UDP"}, {"port": DNS_PORT, "protocol": "TCP"}]}
+    ]
+    if settings.serving_egress_ports:
+        rules.append({"ports": [{"port": port, "protocol": "TCP"} for port in settings.serving_egress_ports]})
+    return _object(
+        endpoint,
+        "networking.k8s.io/v1",
+        "NetworkPolicy",
+        f"{endpoint.metadata.name}-egress",
+        spec={"podSelector": {"matchLabels": selector(endpoint)}, "policyTypes": ["Egress"], "egress": rules},
     )
 
 
@@ -336,6 +382,7 @@ def render(endpoint: LLMEndpoint, settings: Settings) -> list[Manifest]:
     optional = [cache_claim(endpoint), network_policy(endpoint, settings)]
     return [
         *(body for body in optional if body is not None),
+        egress_policy(endpoint, settings),
         service(endpoint, settings),
         deployment(endpoint, settings),
         disruption_budget(endpoint),

@@ -8,9 +8,12 @@ Conditions follow metav1.Condition, so kstatus (Argo CD, Flux) reads `Ready` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
+
+import pydantic
 
 from llm_operator.api.v1alpha1 import Condition, ConditionType, LLMEndpoint, LLMEndpointStatus, Phase
 from llm_operator.settings import GPU_RESOURCE
@@ -51,6 +54,8 @@ class Observation:
     loading: Finding | None
     starting: Finding | None
     paused: bool = False
+    refused: Finding | None = None
+    """Why the operator renders nothing for the endpoint (see policy.py), if it does not."""
 
 
 def _conditions(obj: Manifest) -> dict[str, Manifest]:
@@ -172,8 +177,12 @@ def decide(seen: Observation) -> tuple[Phase, dict[ConditionType, tuple[bool, st
     """Phase and each condition's (status, reason, message) from the observed facts."""
     ratio = f"{seen.ready}/{seen.desired} replicas ready"
     blocker = seen.unschedulable or seen.loading or seen.starting
-    if seen.paused:
-        phase: Phase = "Paused"
+    broken = seen.refused or seen.broken
+    if seen.refused:
+        phase: Phase = "Failed"
+        ready = (False, seen.refused.reason, seen.refused.message)
+    elif seen.paused:
+        phase = "Paused"
         ready = (
             (
                 True,
@@ -205,8 +214,8 @@ def decide(seen: Observation) -> tuple[Phase, dict[ConditionType, tuple[bool, st
         phase = "Pending"
         ready = (False, "Creating", "waiting for the serving pods to be created")
 
-    if phase == "Failed" and seen.broken:
-        progressing = (False, seen.broken.reason, seen.broken.message)
+    if phase == "Failed" and broken:
+        progressing = (False, broken.reason, broken.message)
     elif seen.desired == 0 and seen.live_pods:
         progressing = (True, "ScalingDown", f"{seen.live_pods} pod(s) stopping")
     elif seen.ready < seen.desired or seen.rolling_out:
@@ -214,7 +223,7 @@ def decide(seen: Observation) -> tuple[Phase, dict[ConditionType, tuple[bool, st
         progressing = (True, finding.reason, finding.message)
     else:
         progressing = (False, "Stable", ratio)
-    degraded = (True, seen.broken.reason, seen.broken.message) if seen.broken else (False, "Healthy", "")
+    degraded = (True, broken.reason, broken.message) if broken else (False, "Healthy", "")
     scaled = (seen.desired == 0, "ScaledToZero" if seen.desired == 0 else "Scaled", ratio)
     return phase, {"Ready": ready, "Progressing": progressing, "ScaledToZero": scaled, "Degraded": degraded}
 
@@ -226,9 +235,12 @@ def compute_status(
     events: list[Manifest],
     now: datetime,
     url: str,
+    refused: Finding | None = None,
 ) -> LLMEndpointStatus:
-    """The endpoint's whole status; a condition keeps its lastTransitionTime while its status holds."""
-    seen = observe(endpoint, deployment, pods, events)
+    """The endpoint's whole status; a condition keeps its lastTransitionTime while its status holds.
+
+    `refused`: why the operator renders nothing for the endpoint; it makes the endpoint Failed."""
+    seen = replace(observe(endpoint, deployment, pods, events), refused=refused)
     phase, verdicts = decide(seen)
     generation = endpoint.metadata.generation
     conditions = []
@@ -254,8 +266,25 @@ def compute_status(
         ready=f"{seen.ready}/{seen.desired}",
         observed_generation=generation,
         last_request_time=endpoint.status.last_request_time,
+        api_key_hash=endpoint.status.api_key_hash,
+        wake_requested_at=endpoint.status.wake_requested_at,
+        wake_acknowledged=endpoint.status.wake_acknowledged,
         conditions=conditions,
     )
+
+
+def wake_due(status: LLMEndpointStatus) -> bool:
+    """Whether a gateway asked for a wake (`wakeRequestedAt`) the operator has not acted on yet."""
+    requested, acknowledged = status.wake_requested_at, status.wake_acknowledged
+    return requested is not None and (acknowledged is None or requested > acknowledged)
+
+
+def wake_requested(raw: Mapping[str, Any]) -> bool:
+    """`wake_due` of a status as stored (False when it does not parse)."""
+    try:
+        return wake_due(LLMEndpointStatus.model_validate(raw))
+    except pydantic.ValidationError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from typing import Any
 
 from tests.cluster.harness import ROOT, Cluster, HarnessError
 from tests.cluster.operator_support import ComponentProcess, GatewayProcess
+from tests.cluster.pod_network import POD_RANGE
 
 WORKDIR = ROOT / ".cache" / "run"
 EXAMPLE = ROOT / "examples" / "smollm2.yaml"
@@ -97,10 +98,12 @@ Logs: {WORKDIR}/logs (components) and {WORKDIR}/pods (serving). Ctrl-C stops eve
 
 @dataclass
 class LocalStack:
-    """The running local system: its control plane, the gateway's URL and the component processes."""
+    """The running local system: its control plane, the gateway's URLs and the component processes."""
 
     cluster: Cluster
     gateway_url: str
+    gateway_admin_url: str
+    """Its /metrics, /healthz and /readyz."""
     processes: dict[str, ComponentProcess]
 
 
@@ -113,7 +116,9 @@ def local_stack(workdir: Path) -> Iterator[LocalStack]:
         cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
         cluster.kubectl("wait", "--for=condition=Established", "crd/llmendpoints.llm-endpoints.io")
         logs = cluster.logs
-        gateway = GatewayProcess(cluster.kubeconfig, logs / "gateway.log", "--host=127.0.0.1")
+        # the pods' network is inside (for private endpoints); calls from this machine come from outside
+        internal = f"--internal-cidr={POD_RANGE}"
+        gateway = GatewayProcess(cluster.kubeconfig, logs / "gateway.log", "--host=127.0.0.1", internal)
         operator = ComponentProcess(
             "llm_operator",
             logs / "operator.log",
@@ -121,11 +126,12 @@ def local_stack(workdir: Path) -> Iterator[LocalStack]:
                 f"--kubeconfig={cluster.kubeconfig}",
                 "--no-leader-election",
                 f"--gateway-url={gateway.url}",
-                f"--gateway-metrics-url={gateway.url}/metrics",
+                f"--gateway-metrics-url={gateway.admin_url}/metrics",
             ],
         )
         with gateway, operator:
-            yield LocalStack(cluster, gateway.url, {"gateway": gateway, "operator": operator})
+            processes: dict[str, ComponentProcess] = {"gateway": gateway, "operator": operator}
+            yield LocalStack(cluster, gateway.url, gateway.admin_url, processes)
 
 
 def main() -> int:

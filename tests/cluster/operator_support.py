@@ -198,12 +198,14 @@ class OperatorProcess(ComponentProcess):
 
 
 class GatewayProcess(ComponentProcess):
-    """`python -m llm_operator.gateway` on a free port; `url` reaches it on loopback."""
+    """`python -m llm_operator.gateway` on free ports; `url` reaches its traffic port on loopback,
+    `admin_url` its admin port (/metrics, /healthz, /readyz)."""
 
     def __init__(self, kubeconfig: Path, log: Path, *args: str) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        super().__init__("llm_operator.gateway", log, [f"--kubeconfig={kubeconfig}", f"--port={port}", *args])
+        port, admin = free_port(), free_port()
+        self.url, self.admin_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
+        flags = [f"--kubeconfig={kubeconfig}", f"--port={port}", f"--admin-port={admin}"]
+        super().__init__("llm_operator.gateway", log, [*flags, *args])
 
 
 @contextlib.contextmanager

@@ -14,6 +14,8 @@ import psutil
 import pytest
 import yaml
 
+from llm_operator.__main__ import parse_args as operator_parse_args
+from llm_operator.__main__ import settings_from as operator_settings
 from llm_operator.api.v1alpha1 import LLMEndpoint
 from llm_operator.gateway.__main__ import parse_args, settings_from
 from llm_operator.gateway.auth import from_inside
@@ -22,6 +24,7 @@ from llm_operator.settings import Settings
 from tests.cluster.harness import ROOT, Cluster, pod_processes
 from tests.cluster.node_agent import AGENT_PLACEMENT
 from tests.cluster.operator_support import EXAMPLES, get, install_crd, new_namespace, wait_for
+from tests.cluster.pod_network import POD_RANGE
 
 pytestmark = pytest.mark.cluster
 CHART = ROOT / "charts" / "llm-endpoints"
@@ -35,14 +38,30 @@ def helm(cluster: Cluster, *args: str, check: bool = True) -> subprocess.Complet
     return result
 
 
+INTERNAL = f"gateway.internalCIDRs={{{POD_RANGE}}}"
+"""The one value the chart requires."""
+
+
 def render(cluster: Cluster, *values: str) -> list[dict[str, Any]]:
-    sets = [arg for value in values for arg in ("--set", value)]
+    sets = [arg for value in (INTERNAL, *values) for arg in ("--set", value)]
     out = helm(cluster, "template", "rel", str(CHART), "--namespace", "llm-system", *sets).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
+def component(
+    docs: list[dict[str, Any]], kind: str, name: str, fullname: str = "rel-llm-endpoints"
+) -> dict[str, Any]:
+    """The chart's object of `kind` for a component (operator, gateway)."""
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == f"{fullname}-{name}")
+
+
+def container_args(deployment: dict[str, Any]) -> list[str]:
+    args: list[str] = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    return args
+
+
 def test_helm_lint_is_clean(cluster: Cluster) -> None:
-    result = helm(cluster, "lint", "--strict", str(CHART))
+    result = helm(cluster, "lint", "--strict", str(CHART), "--set", INTERNAL)
     assert "0 chart(s) failed" in result.stdout
 
 
@@ -92,10 +111,12 @@ def test_pods_meet_the_restricted_pod_security_standard(cluster: Cluster) -> Non
         ("watchNamespaces={Bad_Name}", "/watchNamespaces/0"),
         ("gateway.service.port=70000", "/gateway/service/port"),
         ("gateway.internalCIDRs={10.0.0.0}", "/gateway/internalCIDRs/0"),
+        ("operator.imagePolicy=none", "/operator/imagePolicy"),
+        ("gateway.preStopSeconds=0", "/gateway/preStopSeconds"),
     ],
 )
 def test_a_wrong_value_fails_with_a_message_naming_it(cluster: Cluster, value: str, field: str) -> None:
-    result = helm(cluster, "template", "rel", str(CHART), "--set", value, check=False)
+    result = helm(cluster, "template", "rel", str(CHART), "--set", INTERNAL, "--set", value, check=False)
     assert result.returncode != 0
     assert "values don't meet the specifications of the schema" in result.stderr
     assert field in result.stderr
@@ -103,28 +124,88 @@ def test_a_wrong_value_fails_with_a_message_naming_it(cluster: Cluster, value: s
 
 def test_the_gateway_access_values_reach_its_policy(cluster: Cluster) -> None:
     """gateway.internalCIDRs and trustForwardedHeaders become flags that decide who counts as inside."""
-    rendered = helm(
-        cluster,
-        "template",
-        "rel",
-        str(CHART),
-        "--set",
-        "gateway.internalCIDRs={10.1.0.0/16}",
-        "--set",
-        "gateway.trustForwardedHeaders=true",
-    ).stdout
-    gateway = next(
-        d
-        for d in yaml.safe_load_all(rendered)
-        if d and d["kind"] == "Deployment" and "gateway" in d["metadata"]["name"]
-    )
-    args = gateway["spec"]["template"]["spec"]["containers"][0]["args"]
-    policy = settings_from(parse_args(args)).access
+    docs = render(cluster, "gateway.internalCIDRs={10.1.0.0/16}", "gateway.trustForwardedHeaders=true")
+    policy = settings_from(parse_args(container_args(component(docs, "Deployment", "gateway")))).access
     assert policy.is_internal("10.1.2.3")
     assert not policy.is_internal("10.2.0.1")
-    assert not policy.is_internal("127.0.0.1")  # the defaults are replaced, not extended
+    assert not policy.is_internal("127.0.0.1")  # nothing is inside unless listed
     assert from_inside(policy, "10.1.0.9", {"x-forwarded-for": "10.1.0.7"})
     assert not from_inside(policy, "10.1.0.9", {"x-forwarded-for": "203.0.113.5"})
+
+
+def test_the_internal_networks_are_required(cluster: Cluster) -> None:
+    """No silent default: without gateway.internalCIDRs the chart does not render, and `[]` (what
+    dist/install.yaml ships) is a gateway whose private endpoints refuse everyone."""
+    result = helm(cluster, "template", "rel", str(CHART), check=False)
+    assert result.returncode != 0
+    assert "gateway.internalCIDRs is required" in result.stderr
+    none = helm(cluster, "template", "rel", str(CHART), "--set-json", "gateway.internalCIDRs=[]").stdout
+    gateway = component([d for d in yaml.safe_load_all(none) if d], "Deployment", "gateway")
+    assert not [a for a in container_args(gateway) if a.startswith("--internal-cidr")]
+    installed = [d for d in yaml.safe_load_all((ROOT / "dist" / "install.yaml").read_text()) if d]
+    assert not [
+        a
+        for a in container_args(component(installed, "Deployment", "gateway", "llm-endpoints"))
+        if "cidr" in a
+    ]
+
+
+def test_the_endpoints_network_policies_select_the_charts_gateway_pods(cluster: Cluster) -> None:
+    """The operator's flags name the gateway's namespace and pod labels, so the NetworkPolicy it renders
+    admits exactly the chart's gateway pods."""
+    docs = render(cluster)
+    settings = operator_settings(
+        operator_parse_args(container_args(component(docs, "Deployment", "operator")))
+    )
+    gateway = component(docs, "Deployment", "gateway")
+    manifest = yaml.safe_load((EXAMPLES / "falcon-40b.yaml").read_text())
+    rendered = render_children(LLMEndpoint.model_validate(manifest), settings)
+    policy = next(
+        d for d in rendered if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "falcon-40b"
+    )
+    (peer,) = policy["spec"]["ingress"][0]["from"]
+    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "llm-system"}}
+    pod_labels = gateway["spec"]["template"]["metadata"]["labels"]
+    selected = peer["podSelector"]["matchLabels"]
+    assert selected.items() <= pod_labels.items()
+    assert selected["app.kubernetes.io/instance"] == "rel"  # not another release's gateway
+    assert (
+        not selected.items()
+        <= component(docs, "Deployment", "operator")["spec"]["template"]["metadata"]["labels"].items()
+    )
+
+
+def test_the_image_policy_values_reach_the_operator(cluster: Cluster) -> None:
+    docs = render(cluster, "operator.imagePolicy=allow-list", "operator.allowedImages={registry.corp/llm/*}")
+    settings = operator_settings(
+        operator_parse_args(container_args(component(docs, "Deployment", "operator")))
+    )
+    assert (settings.image_policy, settings.allowed_images) == ("allow-list", ("registry.corp/llm/*",))
+    assert operator_settings(
+        operator_parse_args(container_args(component(render(cluster), "Deployment", "operator")))
+    ) == Settings(
+        image=settings.image,
+        gateway_url=settings.gateway_url,
+        system_namespace="llm-system",
+        gateway_namespace="llm-system",
+        gateway_labels=settings.gateway_labels,
+    )  # every other value defaults to the operator's own default
+
+
+def test_a_stopping_gateway_pod_is_unlisted_first_then_drains(cluster: Cluster) -> None:
+    """A preStop pause before SIGTERM, then the drain within the grace period less the pause and 5 s."""
+    gateway = component(render(cluster, "gateway.terminationGraceSeconds=90"), "Deployment", "gateway")
+    pod = gateway["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 90
+    assert pod["containers"][0]["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+    assert "--shutdown-grace-seconds=80" in container_args(gateway)
+
+
+def test_a_load_balancer_keeps_the_client_address(cluster: Cluster) -> None:
+    """externalTrafficPolicy: Local, so outside callers are not seen from a node's (private) address."""
+    for kind, expected in (("LoadBalancer", "Local"), ("NodePort", "Local"), ("ClusterIP", None)):
+        service = component(render(cluster, f"gateway.service.type={kind}"), "Service", "gateway")
+        assert service["spec"].get("externalTrafficPolicy") == expected, kind
 
 
 @pytest.fixture
@@ -238,7 +319,13 @@ def test_helm_install_upgrade_uninstall(
     install_crd(cluster)  # the CRD may already be there (other tests): helm then leaves it as it is
     values = tmp_path / "values.yaml"
     values.write_text(
-        yaml.safe_dump({**AGENT_PLACEMENT, "operator": {"replicas": 1}, "gateway": {"replicas": 1}})
+        yaml.safe_dump(
+            {
+                **AGENT_PLACEMENT,
+                "operator": {"replicas": 1},
+                "gateway": {"replicas": 1, "internalCIDRs": [str(POD_RANGE)]},
+            }
+        )
     )
     release = ("--namespace", system, "-f", str(values), "--wait", "--timeout=180s")
     helm(cluster, "install", RELEASE, str(CHART), *release)

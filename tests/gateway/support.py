@@ -11,25 +11,32 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Self
 
+import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
+from uvicorn.config import HTTPProtocolType
+
+from tests.cluster.operator_support import ComponentProcess
+from tests.ports import free_port
 
 
 @contextlib.asynccontextmanager
-async def serve(app: ASGIApp) -> AsyncIterator[str]:
-    """Run `app` under uvicorn on a free 127.0.0.1 port; yields its base URL."""
+async def serve(app: ASGIApp, http: type[asyncio.Protocol] | HTTPProtocolType = "auto") -> AsyncIterator[str]:
+    """Run `app` under uvicorn on a free 127.0.0.1 port, with protocol `http`; yields its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(
-        app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=2
+        app, http=http, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=2
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -103,3 +110,39 @@ class StandInUpstream:
                 self.stream_closed.set()
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+
+class StandaloneGateway(ComponentProcess):
+    """The gateway process (`tests.gateway.standalone`: the gateway's own flags and servers, the routing
+    table given as `--route` flags) on free loopback ports; `url` is its traffic port, `admin_url` its
+    admin port. Started, it is ready once its admin port answers `/readyz`."""
+
+    def __init__(self, log: Path, *args: str) -> None:
+        port, admin = free_port(), free_port()
+        self.url, self.admin_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
+        self.port = port
+        flags = ["--host=127.0.0.1", f"--port={port}", f"--admin-port={admin}", "--log-level=warning"]
+        super().__init__("tests.gateway.standalone", log, [*flags, *args])
+
+    def start(self) -> Self:
+        super().start()
+        for _ in range(300):
+            assert self.alive, f"the gateway exited:\n{self.tail()}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.admin_url}/readyz", timeout=1).status_code == 200:
+                    return self
+            time.sleep(0.05)
+        raise TimeoutError(f"the gateway did not get ready:\n{self.tail()}")
+
+    def rss(self) -> int:
+        """The process's resident memory, bytes (VmRSS of /proc/PID/status)."""
+        assert self.popen is not None
+        return vm_rss(self.popen.pid)
+
+
+def vm_rss(pid: int) -> int:
+    """VmRSS of /proc/PID/status, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmRSS for pid {pid}")

@@ -1,4 +1,4 @@
-"""Against the real control plane: an autoscaler tick writes the Deployment's replicas (scale subresource,
+"""Against the real control plane: an autoscaler tick writes the Deployment's replicas (on the Deployment,
 own field manager) and status.lastRequestTime, and never the LLMEndpoint's spec."""
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ import httpx
 import pytest
 from prometheus_client import generate_latest
 
+from llm_operator.apikey import key_hash
+from llm_operator.gateway.admin import AdminApp
 from llm_operator.gateway.app import Gateway, GatewaySettings
 from llm_operator.gateway.auth import AccessPolicy
 from llm_operator.gateway.coldstart import PHASES
@@ -77,7 +79,7 @@ class Rig:
 
 def _settings() -> GatewaySettings:
     return GatewaySettings(
-        hold=HoldLimits(max_waiting=2, timeout=5.0, retry_after=7),
+        hold=HoldLimits(max_waiting=2, max_waiting_per_client=2, timeout=5.0, retry_after=7),
         access=AccessPolicy.from_cidrs(("10.0.0.0/8",)),  # loopback counts as outside here
         keepalive_seconds=0.05,
     )
@@ -151,7 +153,7 @@ async def test_client_going_away_closes_the_upstream_stream(rig: Rig) -> None:
 
 
 async def test_protected_endpoint_needs_its_token(rig: Rig) -> None:
-    rig.route(access="protected", secret=("falcon-api-key", "token"), token="s3cret")
+    rig.route(access="protected", api_key_hash=key_hash("3f0c-uid", "s3cret"))  # as the operator publishes
     missing = await rig.client.post("/endpoints/ml/falcon/generate", json={"inputs": "hi"})
     wrong = await rig.client.post(
         "/endpoints/ml/falcon/generate", json={"inputs": "hi"}, headers={"authorization": "Bearer nope"}
@@ -162,7 +164,8 @@ async def test_protected_endpoint_needs_its_token(rig: Rig) -> None:
     assert (missing.status_code, wrong.status_code, right.status_code) == (401, 401, 200)
     assert missing.json()["error_type"] == "unauthorized"
     assert missing.headers["www-authenticate"] == "Bearer"
-    assert "authorization" not in right.json()["seen"]["headers"]
+    # Forwarded, so that the serving pod checks the key too (every hop is protected).
+    assert right.json()["seen"]["headers"]["authorization"] == "Bearer s3cret"
 
 
 async def test_private_endpoint_refuses_outside_callers(rig: Rig) -> None:
@@ -191,7 +194,7 @@ async def test_held_requests_share_one_wake_and_are_answered(rig: Rig) -> None:
         for i in range(2)
     ]
     await until(lambda: rig.gateway.holds.waiting(KEY) >= 2, "requests held")
-    metrics = (await rig.client.get("/metrics")).text
+    metrics = generate_latest(rig.gateway.metrics.registry).decode()
     assert 'llm_gateway_requests_held{endpoint="falcon",namespace="ml"} 2.0' in metrics
     assert 'llm_gateway_requests_in_flight{endpoint="falcon",namespace="ml"} 2.0' in metrics
     rig.waker.release.set()
@@ -200,7 +203,7 @@ async def test_held_requests_share_one_wake_and_are_answered(rig: Rig) -> None:
     assert rig.waker.calls == [KEY]
     registry = rig.gateway.metrics.registry
     await until(lambda: b'phase="first_byte"' in generate_latest(registry), "cold-start breakdown recorded")
-    metrics = (await rig.client.get("/metrics")).text
+    metrics = generate_latest(rig.gateway.metrics.registry).decode()
     for phase in PHASES:  # one wake, so one observation of each phase, the pod's own included
         count = (
             f'llm_gateway_cold_start_seconds_count{{endpoint="falcon",namespace="ml",phase="{phase}"}} 1.0'
@@ -283,8 +286,13 @@ async def test_dead_replica_is_skipped(rig: Rig) -> None:
         assert answer.status_code == 200
 
 
-async def test_gateway_own_routes(rig: Rig) -> None:
-    assert (await rig.client.get("/healthz")).status_code == 200
-    assert (await rig.client.get("/readyz")).status_code == 503
-    rig.gateway.ready = True
-    assert (await rig.client.get("/readyz")).status_code == 200
+async def test_gateway_own_routes_are_on_the_admin_app(rig: Rig) -> None:
+    for path in ("/metrics", "/healthz", "/readyz"):
+        assert (await rig.client.get(path)).status_code == 404
+    admin_app = AdminApp(rig.gateway.metrics.registry, lambda: rig.gateway.ready)
+    async with serve(admin_app) as url, httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as admin:
+        assert (await admin.get("/healthz")).status_code == 200
+        assert (await admin.get("/readyz")).status_code == 503
+        rig.gateway.ready = True
+        assert (await admin.get("/readyz")).status_code == 200
+        assert "llm_gateway_requests_in_flight" in (await admin.get("/metrics")).text

@@ -45,6 +45,7 @@ from llm_operator.autoscale.loop import (
     run_autoscaler,
     static_urls,
 )
+from llm_operator.gateway.admin import AdminApp
 from llm_operator.gateway.app import Gateway, GatewaySettings
 from llm_operator.gateway.hold import HoldLimits
 from llm_operator.gateway.routing import Route, RoutingTable
@@ -208,6 +209,8 @@ class Gateways:
     gate: asyncio.Event
     """Opened, the paused streams finish."""
     urls: list[str]
+    admin_urls: list[str]
+    """Where each gateway serves its metrics (`gateway.admin`)."""
     clients: list[httpx.AsyncClient]
     streams: contextlib.AsyncExitStack
     readers: list[AsyncIterator[bytes]] = field(default_factory=list)
@@ -221,10 +224,10 @@ class Gateways:
 
     @property
     def targets(self) -> list[str]:
-        return [url.removeprefix("http://") for url in self.urls]
+        return [url.removeprefix("http://") for url in self.admin_urls]
 
     def direct(self) -> GatewaySource:
-        return GatewaySource(static_urls([f"{url}/metrics" for url in self.urls]))
+        return GatewaySource(static_urls([f"{url}/metrics" for url in self.admin_urls]))
 
     async def open_stream(self, replica: int, key: Key) -> None:
         """A stream through gateway `replica` that stays open (in flight) until the upstream's gate opens."""
@@ -250,17 +253,19 @@ async def gateways(
     settings = GatewaySettings(hold=HoldLimits(max_waiting=8, timeout=120.0))
     async with contextlib.AsyncExitStack() as stack:
         address = (await stack.enter_async_context(serve(upstream.app))).removeprefix("http://")
-        urls, clients = [], []
+        urls, admin_urls, clients = [], [], []
         for _ in range(replicas):
             gateway = Gateway(settings, _no_wake)
             routes = [Route(*k, addresses=(address,)) for k in ready] + [Route(*k) for k in asleep]
             gateway.set_table(RoutingTable({r.key: r for r in routes}))
             urls.append(await stack.enter_async_context(serve(gateway)))
+            admin = AdminApp(gateway.metrics.registry, lambda: True)
+            admin_urls.append(await stack.enter_async_context(serve(admin)))
             clients.append(
                 await stack.enter_async_context(httpx.AsyncClient(base_url=urls[-1], timeout=TIMEOUT))
             )
         streams = await stack.enter_async_context(contextlib.AsyncExitStack())
-        rig = Gateways(upstream, gate, urls, clients, streams)
+        rig = Gateways(upstream, gate, urls, admin_urls, clients, streams)
         try:
             yield rig
         finally:
@@ -337,7 +342,9 @@ async def test_prometheus_reads_what_the_gateways_report(
                 from_gateways[key].last_request, abs=1e-3
             )
         # the latest request time over the replicas: BUSY's last stream went through the second gateway
-        per_gateway = [await GatewaySource(static_urls([f"{u}/metrics"])).read(session) for u in rig.urls]
+        per_gateway = [
+            await GatewaySource(static_urls([f"{u}/metrics"])).read(session) for u in rig.admin_urls
+        ]
         first, second = per_gateway[0][BUSY].last_request, per_gateway[1][BUSY].last_request
         assert first is not None
         assert second is not None
@@ -403,16 +410,18 @@ async def test_autoscaler_loop_on_prometheus_scales_up_under_load_and_to_zero_wh
         scaler = asyncio.create_task(run_autoscaler(kube, source, settings))
         try:
             await _ready_replicas(cluster, namespace, 3)
-            # the autoscaler's field manager owns the replicas, through the scale subresource, and nothing
-            # else (the API server drops the entry again at zero: the Scale's `replicas: 0` is omitted)
+            # the autoscaler's field manager owns the replicas, written on the Deployment itself (not its
+            # scale subresource, which the chart's admission policy cannot check), and nothing else
             scaled = await asyncio.to_thread(
                 get, cluster, "deployment", NAME, "-n", namespace, "--show-managed-fields"
             )
             fields = scaled["metadata"]["managedFields"]
             owned = [
-                (m["subresource"], m["fieldsV1"]) for m in fields if m["manager"] == AUTOSCALER_FIELD_MANAGER
+                (m.get("subresource"), m["fieldsV1"])
+                for m in fields
+                if m["manager"] == AUTOSCALER_FIELD_MANAGER
             ]
-            assert owned == [("scale", {"f:spec": {"f:replicas": {}}})], json.dumps(fields)
+            assert owned == [(None, {"f:spec": {"f:replicas": {}}})], json.dumps(fields)
             rig.gate.set()
             await rig.streams.aclose()
             await _ready_replicas(cluster, namespace, 0)

@@ -29,6 +29,18 @@ Timestamp = Annotated[
 ]
 
 
+def _rfc3339_micro(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+MicroTimestamp = Annotated[
+    datetime,
+    PlainSerializer(_rfc3339_micro, return_type=str),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+"""A Timestamp with microseconds (two requests in one second stay apart)."""
+
+
 def parse_duration(text: str) -> timedelta:
     """`1h30m`, `15m`, `500ms` -> timedelta (the schema's pattern has already been checked)."""
     return timedelta(seconds=sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text)))

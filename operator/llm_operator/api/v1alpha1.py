@@ -14,6 +14,7 @@ from pydantic.alias_generators import to_camel
 from llm_operator.api.common import (
     DURATION_PATTERN,
     EnvVar,
+    MicroTimestamp,
     Model,
     Quantity,
     SecretKeyRef,
@@ -346,7 +347,8 @@ class Condition(Model):
 
 
 class LLMEndpointStatus(Model):
-    """What the operator observed; written only by the operator (and lastRequestTime by the autoscaler)."""
+    """What the operator observed; written by the operator, but lastRequestTime by the autoscaler and
+    wakeRequestedAt by the gateway."""
 
     phase: Phase | None = None
     """Pending, Loading, Running, ScaledToZero or Failed."""
@@ -362,6 +364,13 @@ class LLMEndpointStatus(Model):
     """metadata.generation the status describes."""
     last_request_time: Timestamp | None = None
     """When the gateway last saw a request."""
+    api_key_hash: str | None = Field(default=None, max_length=128, pattern=r"^sha256:[^:]+:[0-9a-f]{64}$")
+    """A protected endpoint's API key as `sha256:<salt>:<hex>`: salt = metadata.uid, hex = SHA-256 of
+    `<salt>:<key>`. The gateway checks bearer tokens against it and reads no Secret."""
+    wake_requested_at: MicroTimestamp | None = None
+    """When a gateway last held a request the endpoint had no ready replica for (written by the gateway)."""
+    wake_acknowledged: MicroTimestamp | None = None
+    """The wakeRequestedAt the operator last acted on (scaled from zero, or found awake or paused)."""
     conditions: list[Condition] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},

@@ -1,8 +1,10 @@
 """The autoscaler's I/O: every few seconds read request metrics, decide, and write Deployment replicas.
 
-Metrics come from the gateways' `/metrics` (static URLs, or the ready gateway pods found by label) or from a
-Prometheus server's `/api/v1/query`. Writes: only the Deployment's `scale` subresource (as the autoscaler's
-field manager, guarded by the Deployment's resourceVersion) and the endpoint's `status.lastRequestTime`.
+Metrics come from the gateways' `/metrics` on their admin port (static URLs, or the ready gateway pods found
+by label) or from a Prometheus server's `/api/v1/query`. Writes: only the Deployment's `spec.replicas` (a
+merge patch of the Deployment itself, not of its `scale` subresource, whose Scale object carries no labels for
+the chart's ValidatingAdmissionPolicy to check; as the autoscaler's field manager, guarded by the
+Deployment's resourceVersion) and the endpoint's `status.lastRequestTime`.
 Runs in the operator while its replica leads (`run_autoscaler(..., leading=controller.leading)`). A tick
 whose read fails (a gateway or Prometheus not answering, a gateway target down) changes no replica.
 """
@@ -330,7 +332,6 @@ class Autoscaler:
                         "metadata": {"resourceVersion": deployment["metadata"]["resourceVersion"]},
                         "spec": {"replicas": decision.replicas},
                     },
-                    subresource="scale",
                     field_manager=AUTOSCALER_FIELD_MANAGER,
                 )
                 SCALINGS.labels(direction="up" if decision.replicas > current else "down").inc()

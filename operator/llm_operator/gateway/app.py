@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -18,21 +17,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from llm_operator.gateway import auth
+from llm_operator.gateway import auth, proxy
 from llm_operator.gateway.coldstart import ColdStart
 from llm_operator.gateway.errors import GatewayError, ProxyError, error_body
+from llm_operator.gateway.exchange import Exchange, disconnected, respond
 from llm_operator.gateway.hold import (
     TIMEOUT_HEADER,
     HoldLimits,
     Holds,
+    client_key,
     hold_timeout,
 )
+from llm_operator.gateway.limits import BodyBudget, BodyRefused, ServerLimits
 from llm_operator.gateway.metrics import GatewayMetrics
 from llm_operator.gateway.routing import Key, Route, RoutingTable, Target, pick, resolve, wants_stream
+from llm_operator.gateway.upstream import Attempt, UpstreamSettings, client_session
 
 log = logging.getLogger("llm_operator.gateway")
 PodReader = Callable[[str, str], Awaitable[Mapping[str, Any] | None]]
@@ -52,15 +54,6 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
-RESPONSE_HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-authenticate", b"trailer", b"transfer-encoding", b"upgrade", b"te"}
-)
-KEEPALIVE = b": waiting for a replica\n\n"
-SSE_HEADERS = [
-    (b"content-type", b"text/event-stream"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
 
 
 @dataclass(frozen=True)
@@ -72,27 +65,13 @@ class GatewaySettings:
     access: auth.AccessPolicy = field(default_factory=auth.AccessPolicy.from_cidrs)
     keepalive_seconds: float = 5.0
     """Interval of SSE keep-alive comments while a stream request is held."""
-    max_body_bytes: int = 4_000_000
-    connect_timeout: float = 5.0
-    connect_tries: int = 3
-    """Ready replicas tried, one after another, when connecting fails."""
-
-
-async def _respond(
-    send: Send,
-    status: int,
-    body: bytes,
-    headers: dict[str, str] | None = None,
-    content_type: bytes = b"application/json",
-) -> None:
-    raw = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    """Bounds on headers, bodies, read times and connections (see `limits`)."""
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
 
 
 class Gateway:
-    """The ASGI callable. `wake(key)` asks for a replica of an endpoint (see `watch.ScaleWaker`); `pods`
+    """The ASGI callable. `wake(key)` asks for a replica of an endpoint (see `watch.StatusWaker`); `pods`
     reads the woken pod for the cold-start breakdown (without it, only the gateway's own phases are kept)."""
 
     def __init__(
@@ -106,6 +85,8 @@ class Gateway:
         self.metrics = metrics or GatewayMetrics()
         self.table = RoutingTable()
         self.holds = Holds(settings.hold, self._timed_wake)
+        self.bodies = BodyBudget(settings.limits.body_budget_bytes)
+        """Bytes of the request bodies buffered now, held ones included."""
         self._wake, self._pods = wake, pods
         self._cold_starts: dict[Key, ColdStart] = {}
         """The wake under way per endpoint, from its first held request to its first answer byte."""
@@ -156,14 +137,7 @@ class Gateway:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                # Idle upstream connections are kept for 4 s, under uvicorn's 5 s keep-alive on the
-                # replicas, so a request is not sent on a connection the replica is closing.
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=4.0),
-                timeout=aiohttp.ClientTimeout(total=None, connect=self.settings.connect_timeout),
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-            )
+            self._session = client_session(self.settings.upstream)
         return self._session
 
     async def close(self) -> None:
@@ -181,19 +155,33 @@ class Gateway:
         if scope["type"] != "http":
             return
         headers = Headers(scope=scope)
-        target = resolve(self.table, headers.get("host"), scope["path"], self.settings.path_prefix)
+        try:
+            raw_path, _ = proxy.request_target(
+                scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b"")
+            )
+            target = resolve(
+                self.table, headers.get("host"), scope["path"], self.settings.path_prefix, raw_path
+            )
+        except proxy.BadRequest as bad:
+            await respond(send, bad.status, error_body(str(bad), bad.error_type))
+            return
         if target is None:
             await self._own_route(scope, send)
             return
         route = self.table.get(target.key)
         assert route is not None
+        client = scope.get("client")
+        peer = client[0] if client else None
         try:
-            client = scope.get("client")
-            auth.check(route, self.settings.access, client[0] if client else None, headers)
+            auth.check(route, self.settings.access, peer, headers)
         except auth.AccessDenied as denied:
-            await _respond(send, denied.status, error_body(str(denied), denied.error_type), denied.headers())
+            await respond(send, denied.status, error_body(str(denied), denied.error_type), denied.headers())
             return
-        await self._serve(scope, receive, send, target, headers)
+        hops = auth.forwarded_for(headers) if self.settings.access.trust_forwarded else None
+        token = auth.bearer(headers) if route.access == "protected" else None
+        await self._serve(
+            scope, receive, send, target, headers, client_key(token, hops[-1] if hops else peer)
+        )
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -206,77 +194,89 @@ class Gateway:
                 return
 
     async def _own_route(self, scope: Scope, send: Send) -> None:
+        """Paths of no endpoint: 404 (metrics and health are on the admin port, see `admin`)."""
         path = scope["path"]
-        if path == "/metrics":
-            await _respond(
-                send, 200, generate_latest(self.metrics.registry), content_type=CONTENT_TYPE_LATEST.encode()
-            )
-        elif path == "/healthz":
-            await _respond(send, 200, b"ok", content_type=b"text/plain")
-        elif path == "/readyz":
-            await _respond(
-                send,
-                200 if self.ready else 503,
-                b"ok" if self.ready else b"no routing table yet",
-                content_type=b"text/plain",
-            )
-        else:
-            message = f"no endpoint for {path!r}: use {self.settings.path_prefix}/<namespace>/<name>/..."
-            await _respond(send, 404, error_body(message, "not_found"))
+        message = f"no endpoint for {path!r}: use {self.settings.path_prefix}/<namespace>/<name>/..."
+        await respond(send, 404, error_body(message, "not_found"))
 
     async def _serve(
-        self, scope: Scope, receive: Receive, send: Send, target: Target, headers: Headers
+        self, scope: Scope, receive: Receive, send: Send, target: Target, headers: Headers, client: str
     ) -> None:
-        """Read the body, count the request, and run it while watching for the client going away."""
+        """Read the body, count the request, and run it while watching for the client going away. Every
+        way out, an exception included, counts the request as finished."""
         key = target.key
         try:
             body = await self._read_body(receive)
-        except ProxyError as error:
-            await _respond(send, error.status, error_body(str(error), error.error_type))
+        except GatewayError as error:
+            await respond(send, error.status, error_body(str(error), error.error_type), error.headers())
             return
         self.metrics.started(key, time.time())
-        state = _Exchange(send)
-        handler = asyncio.create_task(self._exchange(scope, state, target, headers, body))
-        gone = asyncio.create_task(_disconnected(receive))
+        state = Exchange(send)
+        handler = asyncio.create_task(self._exchange(scope, state, target, headers, body, client))
+        gone = asyncio.create_task(disconnected(receive))
+        status = 499
         try:
             await asyncio.wait({handler, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in (handler, gone):
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await handler
-            self.metrics.finished(key, state.status if handler.done() and not handler.cancelled() else 499)
+            try:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await handler
+                    status = state.status
+            except Exception:
+                status = 500
+                raise
+            finally:
+                self.metrics.finished(key, status)
+                self.bodies.give(len(body))
 
     async def _read_body(self, receive: Receive) -> bytes:
+        """The whole body, within the body bounds: 413 over `max_body_bytes`, 408 past `body_seconds`, 503
+        when the buffered bodies would exceed their budget (the body's bytes stay taken from the budget
+        until `_serve` gives them back)."""
+        bounds = self.settings.limits
         chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ProxyError(499, "client_closed", "client went away")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.settings.max_body_bytes:
-                raise ProxyError(
-                    413, "payload_too_large", f"request body over {self.settings.max_body_bytes} bytes"
-                )
-            chunks.append(chunk)
-            more = message.get("more_body", False)
+        try:
+            async with asyncio.timeout(bounds.body_seconds):
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ProxyError(499, "client_closed", "client went away")
+                    chunk = message.get("body", b"")
+                    if size + len(chunk) > bounds.max_body_bytes:
+                        text = f"request body over {bounds.max_body_bytes} bytes"
+                        raise BodyRefused(413, "payload_too_large", text)
+                    if not self.bodies.take(len(chunk)):
+                        text = "the gateway holds as many request bodies as it may; retry later"
+                        raise BodyRefused(503, "overloaded", text, retry_after=1)
+                    size += len(chunk)
+                    chunks.append(chunk)
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            self.bodies.give(size)
+            text = f"request body not received within {bounds.body_seconds:g}s"
+            raise BodyRefused(408, "request_timeout", text) from None
+        except BaseException:
+            self.bodies.give(size)
+            raise
         return b"".join(chunks)
 
     async def _exchange(
-        self, scope: Scope, state: _Exchange, target: Target, headers: Headers, body: bytes
+        self, scope: Scope, state: Exchange, target: Target, headers: Headers, body: bytes, client: str
     ) -> None:
         key = target.key
         try:
-            route = await self._ready_route(state, key, headers, target.path, body)
+            route = await self._ready_route(state, key, headers, target.path, body, client)
             await self._proxy(scope, state, route, target, headers, body)
         except GatewayError as error:
             await state.fail(error.status, str(error), error.error_type, error.headers())
 
     async def _ready_route(
-        self, state: _Exchange, key: Key, headers: Headers, path: str, body: bytes
+        self, state: Exchange, key: Key, headers: Headers, path: str, body: bytes, client: str
     ) -> Route:
-        """The endpoint's route once it has a ready replica, holding the request meanwhile."""
+        """The endpoint's route once it has a ready replica, holding the request meanwhile (as one of
+        `client`'s, see `hold.client_key`)."""
         route = self.table.get(key)
         if route is not None and route.paused:
             raise ProxyError(
@@ -293,7 +293,8 @@ class Gateway:
         held.inc()
         try:
             while route is None or not route.addresses:
-                waiter = asyncio.ensure_future(self.holds.wait(key, timeout - (time.monotonic() - arrived)))
+                within = timeout - (time.monotonic() - arrived)
+                waiter = asyncio.ensure_future(self.holds.wait(key, within, client))
                 try:
                     while not (await asyncio.wait({waiter}, timeout=self.settings.keepalive_seconds))[0]:
                         await state.keepalive()
@@ -312,9 +313,8 @@ class Gateway:
         return route
 
     def _upstream_headers(self, scope: Scope, route: Route, headers: Headers) -> dict[str, str]:
+        # Authorization goes upstream as sent: a protected endpoint's pods check the same bearer token
         out = {k: v for k, v in headers.items() if k not in HOP_BY_HOP and k != TIMEOUT_HEADER}
-        if route.access == "protected":
-            out.pop("authorization", None)
         client = scope.get("client")
         if client:
             prior = headers.get("x-forwarded-for")
@@ -324,130 +324,64 @@ class Gateway:
         return out
 
     async def _proxy(
-        self, scope: Scope, state: _Exchange, route: Route, target: Target, headers: Headers, body: bytes
+        self, scope: Scope, state: Exchange, route: Route, target: Target, headers: Headers, body: bytes
     ) -> None:
-        query = scope.get("query_string", b"").decode("latin-1")
+        """Send the request to a ready replica and relay its answer; try another (see `proxy.should_retry`)
+        while nothing of an answer has been relayed."""
+        query = scope.get("query_string", b"").decode("ascii")  # checked by proxy.request_target
         upstream_headers = self._upstream_headers(scope, route, headers)
         tried: list[str] = []
         while True:
-            candidates = tuple(a for a in route.addresses if a not in tried) or route.addresses
-            address = pick(candidates, self._in_flight, next(self._turn))
+            address = pick(proxy.candidates(route.addresses, tried), self._in_flight, next(self._turn))
             tried.append(address)
-            url = f"http://{address}{target.path}" + (f"?{query}" if query else "")
+            attempt = Attempt()
             self._in_flight[address] = self._in_flight.get(address, 0) + 1
             try:
                 async with self.session().request(
-                    scope["method"], url, data=body or None, headers=upstream_headers, allow_redirects=False
+                    scope["method"],
+                    proxy.upstream_url(address, target.raw_path, query),
+                    data=body or None,
+                    headers=upstream_headers,
+                    allow_redirects=False,
+                    trace_request_ctx=attempt,
                 ) as upstream:
+                    if upstream.status == 503 and self._retry("unavailable", route, tried, attempt):
+                        log.info("replica answered 503, trying another", extra={"upstream": address})
+                        continue
+                    stale = upstream.status == 401 and route.access == "protected"
+                    if stale and self._retry("stale_key", route, tried, attempt):
+                        log.info("replica refused the key, trying another", extra={"upstream": address})
+                        continue
                     if state.cold_start is not None:
                         self._first_byte(target.key, state.cold_start, route.pods.get(address, ""))
                     await state.relay(upstream)
                     return
-            except aiohttp.ClientConnectorError as error:
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
                 current = self.table.get(target.key)
                 route = current if current is not None and current.addresses else route
-                if state.started or len(tried) >= self.settings.connect_tries:
+                if not self._retry("connect", route, tried, attempt):
                     raise ProxyError(502, "upstream_unavailable", f"no replica answered: {error}") from None
+            except aiohttp.ServerTimeoutError:
+                wait = self.settings.upstream.read_timeout
+                raise ProxyError(504, "upstream_timeout", f"the replica sent nothing for {wait:g}s") from None
             except aiohttp.ClientError as error:
-                # Connected, but the replica went away before its answer began. The request may have
-                # reached it (a generation may have run), so it is not sent again.
+                # Connected, but the replica closed or reset the connection before its answer began.
                 log.warning("replica failed before answering: %s", error, extra={"upstream": address})
-                raise ProxyError(
-                    502, "upstream_failed", f"the replica failed before answering: {error}"
-                ) from None
+                closed = isinstance(error, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
+                if not closed or not self._retry("disconnect", route, tried, attempt):
+                    raise ProxyError(
+                        502, "upstream_failed", f"the replica failed before answering: {error}"
+                    ) from None
             finally:
                 self._in_flight[address] -= 1
                 if not self._in_flight[address]:
                     del self._in_flight[address]
 
-
-class _Exchange:
-    """One client response: started plainly, or early as SSE while held."""
-
-    def __init__(self, send: Send) -> None:
-        self.send = send
-        self.started = False
-        self.sse = False
-        self.status = 200
-        self.cold_start: ColdStart | None = None
-        """Set when this request was held through a wake."""
-
-    async def start_sse(self) -> None:
-        await self.send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-        self.started = self.sse = True
-        await self.keepalive()
-
-    async def keepalive(self) -> None:
-        if self.sse:
-            await self._body(KEEPALIVE, more=True)
-
-    async def _body(self, chunk: bytes, more: bool) -> None:
-        message: Message = {"type": "http.response.body", "body": chunk, "more_body": more}
-        await self.send(message)
-
-    async def fail(self, status: int, message: str, error_type: str, headers: dict[str, str]) -> None:
-        """Answer an error: a response of its own, or the error event that ends a held SSE stream (counted
-        with the status it would have had)."""
-        self.status = status
-        if self.sse:
-            await self._body(b"data: " + error_body(message, error_type) + b"\n\n", more=False)
-            return
-        await _respond(self.send, status, error_body(message, error_type), headers)
-
-    async def relay(self, upstream: aiohttp.ClientResponse) -> None:
-        """Pass the upstream answer on, chunk by chunk as it arrives."""
-        if not self.started:
-            self.status = upstream.status
-            raw = [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in RESPONSE_HOP_BY_HOP]
-            await self.send({"type": "http.response.start", "status": upstream.status, "headers": raw})
-            self.started = True
-        elif upstream.status != 200:
-            try:
-                payload = await upstream.read()
-            except aiohttp.ClientError as error:
-                await self._broke_off(upstream, error)
-                return
-            await self._body(b"data: " + _as_error_event(payload, upstream.status) + b"\n\n", more=False)
-            return
-        try:
-            async for chunk in upstream.content.iter_any():
-                await self._body(chunk, more=True)
-        except aiohttp.ClientError as error:
-            await self._broke_off(upstream, error)
-            return
-        await self._body(b"", more=False)
-
-    async def _broke_off(self, upstream: aiohttp.ClientResponse, error: aiohttp.ClientError) -> None:
-        """The replica went away mid-answer: end the response as well as its kind allows, counted as 502.
-
-        An SSE stream ends with a TGI error event (`incomplete_generation`, as TGI reports a stream cut
-        short); a chunked body just ends. A body with a Content-Length cannot end early: returning without
-        completing it makes the server close the connection, so the client sees it cut short.
-        """
-        self.status = 502
-        log.warning(
-            "replica broke off its answer: %s",
-            error,
-            extra={"upstream": str(upstream.url.origin()), "path": upstream.url.path},
+    def _retry(self, failure: proxy.Failure, route: Route, tried: list[str], attempt: Attempt) -> bool:
+        return proxy.should_retry(
+            failure,
+            tries=len(tried),
+            max_tries=self.settings.upstream.tries,
+            untried=any(a not in tried for a in route.addresses),
+            reused=attempt.reused,
         )
-        if self.sse or upstream.content_type == "text/event-stream":
-            message = f"the replica's stream broke off: {error or type(error).__name__}"
-            event = b"data: " + error_body(message, "incomplete_generation") + b"\n\n"
-            await self._body(event, more=False)
-        elif upstream.content_length is None:
-            await self._body(b"", more=False)
-
-
-def _as_error_event(payload: bytes, status: int) -> bytes:
-    try:
-        decoded: Any = json.loads(payload)
-    except ValueError:
-        decoded = None
-    if isinstance(decoded, dict) and "error" in decoded:
-        return json.dumps(decoded).encode()
-    return error_body(payload.decode(errors="replace")[:1000] or f"HTTP {status}", "upstream")
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        continue

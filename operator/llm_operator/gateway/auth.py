@@ -1,7 +1,10 @@
-"""Who may call an endpoint: bearer tokens for `protected`, the cluster network for `private`. Pure.
+"""Who may call an endpoint: bearer tokens (against the hash in the endpoint's status) for `protected`, the
+cluster network for `private`. Pure.
 
-"Inside the cluster network" means: the TCP peer's address is in one of the internal CIDRs (the pod and
-service ranges; by default the private ranges and loopback) **and** the request passed through no proxy.
+"Inside the cluster network" means: the TCP peer's address is in one of the configured internal CIDRs (the
+pod and service ranges, `--internal-cidr`) **and** the request passed through no proxy. There is no default:
+a private range is no proof of being inside (behind a LoadBalancer with `externalTrafficPolicy: Cluster` every
+outside caller arrives from a node's address), so with none configured private endpoints refuse everyone.
 A request that carries `Forwarded`, `X-Forwarded-For` or `X-Real-IP` came through a proxy (an Ingress
 controller, a load balancer), so by default it counts as outside, whatever the peer is. With
 `trust_forwarded` on, the addresses those headers name must all be internal too; turn it on only when every
@@ -10,25 +13,16 @@ proxy in front of the gateway rewrites those headers (as ingress-nginx does) rat
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from llm_operator import apikey
 from llm_operator.gateway.errors import GatewayError
 from llm_operator.gateway.routing import Route
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-DEFAULT_INTERNAL_CIDRS = (
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "100.64.0.0/10",
-    "127.0.0.0/8",
-    "::1/128",
-    "fc00::/7",
-)
 FORWARDED_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 
 
@@ -61,10 +55,18 @@ class AccessPolicy:
     trust_forwarded: bool = False
 
     @classmethod
-    def from_cidrs(
-        cls, cidrs: Sequence[str] = DEFAULT_INTERNAL_CIDRS, trust_forwarded: bool = False
-    ) -> AccessPolicy:
+    def from_cidrs(cls, cidrs: Sequence[str] = (), trust_forwarded: bool = False) -> AccessPolicy:
         return cls(tuple(ipaddress.ip_network(c, strict=False) for c in cidrs), trust_forwarded)
+
+    def outside_message(self, route: Route) -> str:
+        """Why a private endpoint refused a caller from outside."""
+        where = f"endpoint {route.namespace}/{route.name} is private to the cluster network"
+        if self.internal:
+            return where
+        return (
+            f"{where}, and this gateway has no internal network configured, so it admits nobody: set "
+            "gateway.internalCIDRs (--internal-cidr) to the cluster's pod and service CIDRs"
+        )
 
     def is_internal(self, address: str) -> bool:
         try:
@@ -113,11 +115,11 @@ def bearer(headers: Mapping[str, str]) -> str | None:
 def check(route: Route, policy: AccessPolicy, peer: str | None, headers: Mapping[str, str]) -> None:
     """Raise the AccessDenied that applies, or return when the caller may proceed."""
     if route.access == "private" and not from_inside(policy, peer, headers):
-        raise OutsideCluster(f"endpoint {route.namespace}/{route.name} is private to the cluster network")
+        raise OutsideCluster(policy.outside_message(route))
     if route.access != "protected":
         return
     given = bearer(headers)
     if given is None:
         raise Unauthorized("missing bearer token: send `Authorization: Bearer <token>`")
-    if route.token is None or not hmac.compare_digest(given.encode(), route.token.encode()):
+    if not apikey.matches(route.api_key_hash, given):
         raise Unauthorized("invalid bearer token")

@@ -1,7 +1,8 @@
 """The cold-start breakdown of one wake: when each step happened, in seconds since the first held request.
 
 Phases, in the order they normally happen:
-- `trigger` — the gateway's scale-up write was accepted by the API server;
+- `trigger` — the gateway's wake request (the endpoint's `status.wakeRequestedAt`) was accepted by the API
+  server (the operator then scales the Deployment from zero);
 - `scheduled` — the pod was bound to a node (its `PodScheduled` condition);
 - `process_started` — the serving container started (`state.running.startedAt`);
 - `model_loaded` — the pod became Ready: the server loaded its weights and answered its readiness probe;

@@ -1,40 +1,61 @@
-"""Holding requests while an endpoint wakes: bounded in count and time per endpoint, one wake at a time.
+"""Holding requests while an endpoint wakes: bounded in count and time, one wake at a time per endpoint.
 
 The first request that finds an endpoint without a ready replica triggers the wake at once; later ones wait
-on the same event. A request is refused with a `HoldRefused` (answered 503 + Retry-After) when the endpoint
-already has `max_waiting` held requests or no replica becomes ready within its timeout.
+on the same event. A request is refused with a `HoldRefused` (answered 503 + Retry-After) when the gateway
+already holds `max_held_total` requests, the endpoint `max_waiting`, or the same client (see `client_key`)
+its share of the endpoint's; or when no replica becomes ready within its timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from llm_operator.gateway.errors import GatewayError
 from llm_operator.gateway.routing import Key
 
 log = logging.getLogger("llm_operator.gateway.hold")
 TIMEOUT_HEADER = "x-scale-up-timeout"
+_Slot = TypeVar("_Slot")
 
 
 @dataclass(frozen=True)
 class HoldLimits:
-    """Bounds of the hold, per endpoint."""
+    """Bounds of the hold (each per gateway replica)."""
 
     max_waiting: int = 256
-    """Held requests per endpoint (per gateway replica); one more is refused at once."""
+    """Held requests per endpoint; one more is refused at once."""
+    max_waiting_per_client: int | None = None
+    """Held requests per endpoint from one client; None: a quarter of `max_waiting`, at least 1."""
+    max_held_total: int = 1024
+    """Held requests over all endpoints (each keeps its body in memory)."""
     timeout: float = 600.0
-    """Seconds a request waits for a replica when it sends no X-Scale-Up-Timeout header."""
-    max_timeout: float = 3600.0
-    """Upper bound on what X-Scale-Up-Timeout may ask for."""
+    """Seconds a request waits for a replica: the default, and the most X-Scale-Up-Timeout may ask for."""
     retry_after: int = 30
     """Seconds suggested in Retry-After when a request is refused."""
     rewake_seconds: float = 15.0
     """A new request re-sends the wake when the last one is at least this old (e.g. it failed)."""
+
+    @property
+    def per_client(self) -> int:
+        """The per-client bound in effect."""
+        if self.max_waiting_per_client is not None:
+            return self.max_waiting_per_client
+        return max(1, self.max_waiting // 4)
+
+
+def client_key(token: str | None, peer: str | None) -> str:
+    """Who a held request counts against: its verified bearer token (hashed, never kept) when it has one,
+    else its address."""
+    if token is not None:
+        return "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+    return f"peer:{peer or ''}"
 
 
 class InvalidTimeoutHeader(GatewayError, ValueError):
@@ -67,8 +88,14 @@ class WakeTimeout(HoldRefused):
     error_type = "scale_up_timeout"
 
 
+class Draining(HoldRefused):
+    """This gateway replica is shutting down (`Holds.drain`): retried, the request goes to another one."""
+
+    error_type = "gateway_draining"
+
+
 def hold_timeout(header: str | None, limits: HoldLimits) -> float:
-    """Seconds to hold a request: X-Scale-Up-Timeout when given (capped at max_timeout), else the default."""
+    """Seconds to hold a request: X-Scale-Up-Timeout when given (capped at the hold timeout), else that."""
     if header is None or not header.strip():
         return limits.timeout
     try:
@@ -79,7 +106,7 @@ def hold_timeout(header: str | None, limits: HoldLimits) -> float:
         ) from None
     if not math.isfinite(seconds) or seconds < 0:
         raise InvalidTimeoutHeader(f"X-Scale-Up-Timeout must be a non-negative number, got {header!r}")
-    return min(seconds, limits.max_timeout)
+    return min(seconds, limits.timeout)
 
 
 class Holds:
@@ -94,8 +121,15 @@ class Holds:
         self.limits, self._wake, self._clock = limits, wake, clock
         self._ready: dict[Key, asyncio.Event] = {}
         self._waiting: dict[Key, int] = {}
+        self._by_client: dict[tuple[Key, str], int] = {}
+        self._total = 0
         self._woken_at: dict[Key, float] = {}
         self._wakes: dict[Key, asyncio.Task[None]] = {}
+        self._draining = asyncio.Event()
+
+    def drain(self) -> None:
+        """Refuse every held request now, and every later one, with `Draining` (the gateway is stopping)."""
+        self._draining.set()
 
     def _event(self, key: Key) -> asyncio.Event:
         return self._ready.setdefault(key, asyncio.Event())
@@ -138,23 +172,39 @@ class Holds:
         finally:
             self._wakes.pop(key, None)
 
-    async def wait(self, key: Key, within: float) -> None:
-        """Return once the endpoint has a ready replica (within `within` seconds); wake it first if needed."""
+    def _refusal(self, key: Key, client: str) -> TooManyWaiting | None:
+        limits, name = self.limits, f"{key[0]}/{key[1]}"
+        if self._total >= limits.max_held_total:
+            why = f"the gateway already holds {limits.max_held_total} requests for endpoints scaling up"
+        elif self.waiting(key) >= limits.max_waiting:
+            why = f"endpoint {name} is scaling up and already holds {limits.max_waiting} requests"
+        elif self._by_client.get((key, client), 0) >= limits.per_client:
+            why = f"endpoint {name} is scaling up and already holds {limits.per_client} of your requests"
+        else:
+            return None
+        return TooManyWaiting(why + "; retry later", limits.retry_after)
+
+    async def wait(self, key: Key, within: float, client: str = "") -> None:
+        """Return once the endpoint has a ready replica (within `within` seconds); wake it first if needed.
+        `client` is the request's `client_key`."""
         event = self._event(key)
         if event.is_set():
             return
-        if self.waiting(key) >= self.limits.max_waiting:
+        if self._draining.is_set():
+            raise Draining("this gateway replica is shutting down; retry", 1)
+        if (refused := self._refusal(key, client)) is not None:
             self._maybe_wake(key)
-            raise TooManyWaiting(
-                f"endpoint {key[0]}/{key[1]} is scaling up and already holds {self.limits.max_waiting} "
-                "requests; retry later",
-                self.limits.retry_after,
-            )
+            raise refused
+        slot = (key, client)
         self._waiting[key] = self.waiting(key) + 1
+        self._by_client[slot] = self._by_client.get(slot, 0) + 1
+        self._total += 1
         try:
             self._maybe_wake(key)
             async with asyncio.timeout(within):
-                await event.wait()
+                await _either(event, self._draining)
+            if not event.is_set():
+                raise Draining("this gateway replica is shutting down before a replica was ready; retry", 1)
         except TimeoutError:
             raise WakeTimeout(
                 f"endpoint {key[0]}/{key[1]} is scaling up: no replica was ready within {within:g}s; "
@@ -162,12 +212,28 @@ class Holds:
                 self.limits.retry_after,
             ) from None
         finally:
-            self._waiting[key] -= 1
-            if not self._waiting[key]:
-                del self._waiting[key]
+            self._total -= 1
+            _release(self._waiting, key)
+            _release(self._by_client, slot)
 
     async def close(self) -> None:
         """Cancel wakes in flight."""
         for task in list(self._wakes.values()):
             task.cancel()
         await asyncio.gather(*self._wakes.values(), return_exceptions=True)
+
+
+async def _either(*events: asyncio.Event) -> None:
+    """Return once one of `events` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
+def _release(counts: dict[_Slot, int], slot: _Slot) -> None:
+    counts[slot] -= 1
+    if not counts[slot]:
+        del counts[slot]

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from llm_operator.gateway.proxy import BadRequest
 from llm_operator.settings import ENDPOINT_LABEL
 
 Access = Literal["public", "protected", "private"]
@@ -27,8 +28,8 @@ class EndpointEntry(NamedTuple):
     """What the gateway keeps of one LLMEndpoint's spec."""
 
     access: Access = "public"
-    secret: tuple[str, str] | None = None
-    """(Secret name, key) of a protected endpoint's bearer token."""
+    api_key_hash: str | None = None
+    """A protected endpoint's `status.apiKeyHash` (see `llm_operator.apikey`)."""
     paused: bool = False
 
 
@@ -39,10 +40,9 @@ class Route:
     namespace: str
     name: str
     access: Access = "public"
-    secret: tuple[str, str] | None = None
-    """(Secret name, key) of a protected endpoint's bearer token."""
-    token: str | None = None
-    """The bearer token read from that Secret; None until read (protected endpoints then refuse all)."""
+    api_key_hash: str | None = None
+    """The salted hash of a protected endpoint's key, from its status; None until the operator publishes it
+    (protected endpoints then refuse all)."""
     addresses: tuple[str, ...] = ()
     """`host:port` of every ready, non-terminating serving pod."""
     pods: Mapping[str, str] = field(default_factory=dict)
@@ -70,21 +70,23 @@ class RoutingTable:
 
 @dataclass(frozen=True)
 class Target:
-    """The endpoint a request is for and the path to ask its server for."""
+    """The endpoint a request is for and the path to ask its server for: `path` decoded (for decisions),
+    `raw_path` as the client sent it (what is forwarded)."""
 
     key: Key
     path: str
+    raw_path: str
 
 
-def _split_path(path: str, prefix: str) -> Target | None:
+def _split_path(path: str, prefix: str) -> tuple[Key, str] | None:
+    """(namespace, name) and the rest of `<prefix>/<namespace>/<name>/<rest>`."""
     base = f"/{prefix.strip('/')}/" if prefix.strip("/") else "/"
     if not path.startswith(base):
         return None
     parts = path[len(base) :].split("/", 2)
     if len(parts) < 2 or not parts[0] or not parts[1]:
         return None
-    rest = "/" + parts[2] if len(parts) == 3 else "/"
-    return Target((parts[0], parts[1]), rest)
+    return (parts[0], parts[1]), ("/" + parts[2] if len(parts) == 3 else "/")
 
 
 def _host_key(host: str) -> Key | None:
@@ -95,13 +97,26 @@ def _host_key(host: str) -> Key | None:
     return (labels[1], labels[0])
 
 
-def resolve(table: RoutingTable, host: str | None, path: str, prefix: str = "/endpoints") -> Target | None:
-    """The endpoint `host` and `path` name, if the table knows it."""
-    by_path = _split_path(path, prefix)
-    if by_path is not None and by_path.key in table.routes:
-        return by_path
+def resolve(
+    table: RoutingTable, host: str | None, path: str, prefix: str = "/endpoints", raw_path: str | None = None
+) -> Target | None:
+    """The endpoint `host` and `path` name, if the table knows it. `path` is the decoded path, `raw_path`
+    the one received (the same when omitted).
+
+    Raises BadRequest for a target that is not an absolute path (it would let the client choose the
+    upstream), and for a path whose endpoint segments are percent-encoded (`/endpoints/ml%2Ffalcon/...`):
+    decoded and raw routing must agree, since the raw path is what is forwarded.
+    """
+    raw = path if raw_path is None else raw_path
+    if not raw.startswith("/") or not path.startswith("/"):
+        raise BadRequest(f"the request target must be an absolute path starting with '/', got {raw[:100]!r}")
+    if (by_path := _split_path(path, prefix)) is not None and by_path[0] in table.routes:
+        by_raw = _split_path(raw, prefix)
+        if by_raw is None or by_raw[0] != by_path[0]:
+            raise BadRequest(f"the endpoint's part of the path must not be percent-encoded: {raw[:100]!r}")
+        return Target(by_path[0], by_path[1], by_raw[1])
     if host and (key := _host_key(host)) and key in table.routes:
-        return Target(key, path or "/")
+        return Target(key, path, raw)
     return None
 
 
@@ -113,7 +128,10 @@ def pick(addresses: tuple[str, ...], in_flight: Mapping[str, int], turn: int) ->
 
 
 def wants_stream(path: str, headers: Mapping[str, str], body: bytes) -> bool:
-    """Whether the request asks for an SSE answer (decides how a held request waits)."""
+    """Whether the request asks for an SSE answer (decides how a held request waits).
+
+    A body that is not JSON is not a stream request (the replica answers its error); valid JSON nested
+    deeper than the parser can follow raises BadRequest (400)."""
     if path in STREAM_PATHS or "text/event-stream" in headers.get("accept", ""):
         return True
     if path not in MAYBE_STREAM_PATHS or b'"stream"' not in body:
@@ -122,6 +140,8 @@ def wants_stream(path: str, headers: Mapping[str, str], body: bytes) -> bool:
         decoded = json.loads(body)
     except ValueError:
         return False
+    except RecursionError:
+        raise BadRequest("the request body's JSON is nested too deeply") from None
     return isinstance(decoded, dict) and decoded.get("stream") is True
 
 
@@ -148,11 +168,9 @@ def ready_addresses(slices: Iterable[Mapping[str, Any]], port_name: str = "http"
 def build_table(
     endpoints: Mapping[Key, EndpointEntry],
     slices: Iterable[Mapping[str, Any]],
-    tokens: Mapping[tuple[str, str, str], str],
     port_name: str = "http",
 ) -> RoutingTable:
-    """The table from each endpoint's entry, its Services' EndpointSlices (labelled with the endpoint's name)
-    and the tokens read so far, keyed by (namespace, Secret name, key)."""
+    """The table from each endpoint's entry and its Services' EndpointSlices (labelled with its name)."""
     by_endpoint: dict[Key, list[Mapping[str, Any]]] = {}
     for body in slices:
         meta = body.get("metadata") or {}
@@ -160,8 +178,7 @@ def build_table(
         if owner:
             by_endpoint.setdefault((meta.get("namespace", ""), owner), []).append(body)
     routes: dict[Key, Route] = {}
-    for (namespace, name), (access, secret, paused) in endpoints.items():
-        token = tokens.get((namespace, *secret)) if secret else None
+    for (namespace, name), (access, key_hash, paused) in endpoints.items():
         pods = ready_addresses(by_endpoint.get((namespace, name), ()), port_name)
-        routes[(namespace, name)] = Route(namespace, name, access, secret, token, tuple(pods), pods, paused)
+        routes[(namespace, name)] = Route(namespace, name, access, key_hash, tuple(pods), pods, paused)
     return RoutingTable(routes)

@@ -1,39 +1,40 @@
-"""The gateway's Kubernetes I/O: watch LLMEndpoints and EndpointSlices, read token Secrets, wake Deployments,
+"""The gateway's Kubernetes I/O: watch LLMEndpoints and EndpointSlices, ask the operator to wake an endpoint,
 read woken pods.
 
 All decisions are in `routing.build_table`; this module only keeps the latest objects and hands a fresh table
-to the gateway after every change.
+to the gateway after every change. The gateway reads no Secret: a protected endpoint's key is checked
+against the salted hash the operator publishes in its status (`status.apiKeyHash`).
 
-Wake: the gateway sets the endpoint Deployment's `scale` subresource from 0 to 1 as the autoscaler's field
-manager, guarded by the scale's resourceVersion (of several gateways racing, one write wins and the others
-get 409, which means the same thing). The autoscaler then counts the held requests as in-flight load.
+Wake: the gateway sets the endpoint's `status.wakeRequestedAt` (a merge patch of the status subresource,
+as its own field manager); the operator, on that event, scales the endpoint's Deployment from 0 to 1, and
+its autoscaler then counts the held requests as in-flight load. The gateway writes no Deployment.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import pydantic
 
-from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint
-from llm_operator.errors import ConflictError, NotFoundError, OperatorError
+from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint, LLMEndpointStatus
+from llm_operator.errors import OperatorError
 from llm_operator.gateway.routing import EndpointEntry, Key, RoutingTable, build_table
 from llm_operator.kube import Credentials, Kube, resource_path
-from llm_operator.render import api_key_ref
-from llm_operator.settings import AUTOSCALER_FIELD_MANAGER, ENDPOINT_LABEL
+from llm_operator.settings import ENDPOINT_LABEL
 
 Manifest = dict[str, Any]
 log = logging.getLogger("llm_operator.gateway.watch")
 SLICES = ("discovery.k8s.io/v1", "endpointslices")
 WATCH_SECONDS = 300
 RETRY_SECONDS = 2.0
+FIELD_MANAGER = "llm-gateway"
+"""The gateway's field manager: it owns `status.wakeRequestedAt` and nothing else."""
 
 
 def endpoint_entry(body: Manifest) -> EndpointEntry | None:
@@ -43,38 +44,34 @@ def endpoint_entry(body: Manifest) -> EndpointEntry | None:
     except pydantic.ValidationError as error:
         log.warning("ignoring LLMEndpoint that does not parse: %s", error)
         return None
-    ref = api_key_ref(endpoint)
-    return EndpointEntry(endpoint.spec.access, (ref.name, ref.key) if ref else None, endpoint.spec.paused)
+    protected = endpoint.spec.access == "protected"
+    key_hash = endpoint.status.api_key_hash if protected else None
+    return EndpointEntry(endpoint.spec.access, key_hash, endpoint.spec.paused)
 
 
-class ScaleWaker:
-    """Ask for one replica of an endpoint whose Deployment is at zero."""
+def wake_patch(now: datetime) -> Manifest:
+    """The status merge patch that asks the operator to wake an endpoint."""
+    stamp = LLMEndpointStatus(wake_requested_at=now)
+    return {"status": stamp.model_dump(by_alias=True, mode="json", include={"wake_requested_at"})}
 
-    def __init__(self, kube: Kube) -> None:
-        self.kube = kube
+
+class StatusWaker:
+    """Ask the operator for one replica of an endpoint that has none ready."""
+
+    def __init__(self, kube: Kube, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.kube, self.clock = kube, clock
 
     async def __call__(self, key: Key) -> None:
         namespace, name = key
-        path = resource_path("apps/v1", "Deployment", namespace, name, "scale")
-        scale = await self.kube.request("GET", path)
-        if int(scale.get("spec", {}).get("replicas") or 0) > 0:
-            return
-        patch = {
-            "metadata": {"resourceVersion": scale["metadata"]["resourceVersion"]},
-            "spec": {"replicas": 1},
-        }
-        try:
-            await self.kube.merge_patch(
-                "apps/v1",
-                "Deployment",
-                namespace,
-                name,
-                patch,
-                subresource="scale",
-                field_manager=AUTOSCALER_FIELD_MANAGER,
-            )
-        except ConflictError:
-            log.debug("scale of %s/%s changed meanwhile (another gateway woke it)", namespace, name)
+        await self.kube.merge_patch(
+            API_VERSION,
+            KIND,
+            namespace,
+            name,
+            wake_patch(self.clock()),
+            subresource="status",
+            field_manager=FIELD_MANAGER,
+        )
 
 
 class PodReader:
@@ -97,29 +94,25 @@ class ClusterWatcher:
     def __init__(
         self,
         credentials: Credentials,
-        kube: Kube,
         publish: Callable[[RoutingTable], None],
         *,
         namespaces: Sequence[str] = (),
-        token_refresh_seconds: float = 30.0,
     ) -> None:
-        self.credentials, self.kube, self.publish = credentials, kube, publish
+        self.credentials, self.publish = credentials, publish
         self.scopes: tuple[str | None, ...] = tuple(namespaces) or (None,)
         """Namespaces watched, each on its own; (None,) watches the whole cluster."""
-        self.token_refresh_seconds = token_refresh_seconds
         self.endpoints: dict[Key, EndpointEntry] = {}
         self.slices: dict[Key, Manifest] = {}
-        self.tokens: dict[tuple[str, str, str], str] = {}
         self.synced = asyncio.Event()
         self._listed: set[str] = set()
 
     def _publish(self) -> None:
         if len(self._listed) == 2 * len(self.scopes):  # both kinds listed in every scope
-            self.publish(build_table(self.endpoints, self.slices.values(), self.tokens))
+            self.publish(build_table(self.endpoints, self.slices.values()))
             self.synced.set()
 
     async def run(self) -> None:
-        """Watch both kinds and refresh tokens, until cancelled."""
+        """Watch both kinds, until cancelled."""
         timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=WATCH_SECONDS + 30)
         connector = aiohttp.TCPConnector(ssl=self.credentials.ssl_context())
         async with aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=2**22) as session:
@@ -130,7 +123,6 @@ class ClusterWatcher:
                     for ns in self.scopes
                 ),
                 *(self._watch(session, self._slices_path(ns), slices, self._on_slice) for ns in self.scopes),
-                self._refresh_tokens(),
             )
 
     @staticmethod
@@ -147,8 +139,6 @@ class ClusterWatcher:
             self.endpoints.pop(key, None)
         else:
             self.endpoints[key] = entry
-            if entry.secret is not None:
-                await self._read_token(key[0], *entry.secret)
 
     async def _on_slice(self, kind: str, body: Manifest) -> None:
         meta = body["metadata"]
@@ -157,27 +147,6 @@ class ClusterWatcher:
             self.slices.pop(key, None)
         else:
             self.slices[key] = body
-
-    async def _read_token(self, namespace: str, secret: str, key: str) -> None:
-        try:
-            data = (await self.kube.get("v1", "Secret", namespace, secret)).get("data") or {}
-            self.tokens[(namespace, secret, key)] = base64.b64decode(data[key]).decode().strip()
-        except (NotFoundError, KeyError, binascii.Error, UnicodeDecodeError):
-            log.warning(
-                "token Secret %s/%s has no key %r: the endpoint refuses every request", namespace, secret, key
-            )
-            self.tokens.pop((namespace, secret, key), None)
-        except OperatorError as error:
-            log.warning("could not read token Secret %s/%s: %s", namespace, secret, error)
-
-    async def _refresh_tokens(self) -> None:
-        """Re-read every token Secret now and then, so a rotated token takes effect."""
-        while True:
-            await asyncio.sleep(self.token_refresh_seconds)
-            for (namespace, _), entry in list(self.endpoints.items()):
-                if entry.secret is not None:
-                    await self._read_token(namespace, *entry.secret)
-            self._publish()
 
     async def _watch(
         self,

@@ -12,6 +12,7 @@ from llm_operator.gateway.hold import (
     InvalidTimeoutHeader,
     TooManyWaiting,
     WakeTimeout,
+    client_key,
     hold_timeout,
 )
 from llm_operator.gateway.routing import Key
@@ -39,12 +40,12 @@ class Clock:
 
 
 def test_hold_timeout_header() -> None:
-    limits = HoldLimits(timeout=60, max_timeout=600)
-    assert hold_timeout(None, limits) == 60
-    assert hold_timeout(" ", limits) == 60
+    limits = HoldLimits(timeout=600)
+    assert hold_timeout(None, limits) == 600
+    assert hold_timeout(" ", limits) == 600
     assert hold_timeout("120", limits) == 120
     assert hold_timeout("0", limits) == 0
-    assert hold_timeout("99999", limits) == 600
+    assert hold_timeout("3600", limits) == 600  # capped at the hold timeout: no separate maximum (#10)
     for bad in ("soon", "-1", "nan", "inf"):
         with pytest.raises(InvalidTimeoutHeader):
             hold_timeout(bad, limits)
@@ -58,7 +59,7 @@ async def _settle() -> None:
 async def test_waiters_share_one_wake_and_are_released_together() -> None:
     wake = FakeWake()
     holds = Holds(HoldLimits(max_waiting=10), wake, Clock())
-    waiters = [asyncio.create_task(holds.wait(KEY, 60)) for _ in range(3)]
+    waiters = [asyncio.create_task(holds.wait(KEY, 60, f"peer:10.0.0.{i}")) for i in range(3)]
     await _settle()
     assert holds.waiting(KEY) == 3
     assert wake.calls == [KEY]
@@ -76,11 +77,11 @@ async def test_ready_endpoint_returns_at_once_without_waking() -> None:
 
 
 async def test_count_bound_refuses_the_next_request() -> None:
-    holds = Holds(HoldLimits(max_waiting=2, retry_after=7), FakeWake(), Clock())
+    holds = Holds(HoldLimits(max_waiting=2, max_waiting_per_client=2, retry_after=7), FakeWake(), Clock())
     waiters = [asyncio.create_task(holds.wait(KEY, 60)) for _ in range(2)]
     await _settle()
     with pytest.raises(TooManyWaiting) as caught:
-        await holds.wait(KEY, 60)
+        await holds.wait(KEY, 60, "peer:10.0.0.9")
     assert caught.value.retry_after == 7
     assert caught.value.status == 503
     holds.set_ready(KEY, True)
@@ -134,3 +135,47 @@ async def test_cancelled_waiter_frees_its_slot() -> None:
         await waiter
     assert holds.waiting(KEY) == 0
     await holds.close()
+
+
+def test_the_per_client_share_defaults_to_a_quarter() -> None:
+    assert HoldLimits(max_waiting=256).per_client == 64
+    assert HoldLimits(max_waiting=3).per_client == 1
+    assert HoldLimits(max_waiting=256, max_waiting_per_client=10).per_client == 10
+
+
+def test_client_keys() -> None:
+    assert client_key("s3cret", "10.0.0.1") == client_key("s3cret", "10.0.0.2")  # one credential
+    assert "s3cret" not in client_key("s3cret", None)  # kept hashed
+    assert client_key(None, "10.0.0.1") != client_key(None, "10.0.0.2")
+
+
+async def test_one_client_cannot_take_every_slot() -> None:
+    """64 requests from one client locked everyone out with scale_up_queue_full (finding 10 of #10)."""
+    holds = Holds(HoldLimits(max_waiting=8, retry_after=7), FakeWake(), Clock())
+    greedy = [asyncio.create_task(holds.wait(KEY, 60, "peer:10.0.0.66")) for _ in range(2)]
+    await _settle()
+    with pytest.raises(TooManyWaiting) as caught:
+        await holds.wait(KEY, 60, "peer:10.0.0.66")
+    assert "of your requests" in str(caught.value)
+    assert caught.value.retry_after == 7
+    other = asyncio.create_task(holds.wait(KEY, 60, "peer:10.0.0.1"))
+    await _settle()
+    assert holds.waiting(KEY) == 3
+    holds.set_ready(KEY, True)
+    await asyncio.gather(*greedy, other)
+
+
+async def test_the_total_over_endpoints_is_bounded() -> None:
+    holds = Holds(HoldLimits(max_held_total=2), FakeWake(), Clock())
+    waiters = [asyncio.create_task(holds.wait(("ml", name), 60)) for name in ("a", "b")]
+    await _settle()
+    with pytest.raises(TooManyWaiting) as caught:
+        await holds.wait(("ml", "c"), 60)
+    assert "the gateway already holds 2 requests" in str(caught.value)
+    holds.set_ready(("ml", "a"), True)
+    await waiters[0]
+    third = asyncio.create_task(holds.wait(("ml", "c"), 60))  # a slot came free
+    await _settle()
+    for name in ("b", "c"):
+        holds.set_ready(("ml", name), True)
+    await asyncio.gather(waiters[1], third)

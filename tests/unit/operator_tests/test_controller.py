@@ -16,6 +16,7 @@ from llm_operator.errors import (
 )
 from llm_operator.handlers import may_have_drifted, only_ours
 from llm_operator.logs import JsonFormatter
+from llm_operator.settings import Settings
 
 
 def test_conflicts_retry_at_once_then_back_off() -> None:
@@ -93,9 +94,41 @@ def test_only_foreign_spec_or_metadata_writes_count_as_drift() -> None:
     ours = {"manager": "llm-operator", "operation": "Apply"}
     status = {"manager": "kube-controller-manager", "operation": "Update", "subresource": "status"}
     scale = {"manager": "llm-autoscaler", "operation": "Update", "subresource": "scale"}
+    replicas = {"manager": "llm-autoscaler", "operation": "Update"}  # spec.replicas on the Deployment
     edit = {"manager": "kubectl-edit", "operation": "Update"}
     assert not may_have_drifted("MODIFIED", "Deployment", {"managedFields": [ours, status, scale]})
+    assert not may_have_drifted("MODIFIED", "Deployment", {"managedFields": [ours, status, replicas]})
     assert may_have_drifted("MODIFIED", "Deployment", {"managedFields": [ours, status, edit]})
     assert may_have_drifted("DELETED", "Service", {"managedFields": [ours]})
     assert may_have_drifted(None, "Service", {"managedFields": [ours]})
     assert not may_have_drifted("DELETED", "Pod", {"managedFields": [edit]})
+
+
+def test_the_operator_flags_reach_its_settings() -> None:
+    """The gateway's namespace and labels (the NetworkPolicy peer), the image policy and the egress ports."""
+    from llm_operator.__main__ import parse_args, settings_from
+
+    defaults = settings_from(parse_args(["--system-namespace=llm-system"]))
+    assert defaults == Settings(system_namespace="llm-system")
+    assert defaults.gateway_pods_namespace == "llm-system"
+    args = [
+        "--system-namespace=ops",
+        "--gateway-namespace=edge",
+        "--gateway-label=app.kubernetes.io/name=llm-gateway",
+        "--gateway-label=app.kubernetes.io/instance=rel",
+        "--image-policy=allow-list",
+        "--allowed-image=registry.corp/llm/*",
+        "--allowed-image=ghcr.io/llm-endpoints/*",
+        "--serving-egress-port=443",
+        "--serving-egress-port=3128",
+    ]
+    settings = settings_from(parse_args(args))
+    assert settings.gateway_pods_namespace == "edge"
+    assert settings.gateway_labels == {
+        "app.kubernetes.io/name": "llm-gateway",
+        "app.kubernetes.io/instance": "rel",
+    }
+    assert settings.image_policy == "allow-list"
+    assert settings.allowed_images == ("registry.corp/llm/*", "ghcr.io/llm-endpoints/*")
+    assert settings.serving_egress_ports == (443, 3128)
+    assert settings_from(parse_args(["--serving-egress-port=0"])).serving_egress_ports == ()

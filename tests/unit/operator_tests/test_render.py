@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from llm_operator.apikey import key_hash
 from llm_operator.render import render, replica_correction
 from llm_operator.settings import AUTOSCALER_FIELD_MANAGER, ENDPOINT_LABEL, Settings
 from tests.unit.operator_tests.factories import endpoint
@@ -13,8 +14,16 @@ from tests.unit.operator_tests.factories import endpoint
 SETTINGS = Settings(image="serving:test", gateway_url="http://gw.example", system_namespace="llm-system")
 
 
-def children(spec: dict[str, Any] | None = None, **kw: Any) -> dict[str, dict[str, Any]]:
-    return {body["kind"]: body for body in render(endpoint(spec, **kw), SETTINGS)}
+def key(body: dict[str, Any]) -> str:
+    """A child's kind, `NetworkPolicy/egress` for the egress policy (two NetworkPolicies)."""
+    suffix = "/egress" if body["metadata"]["name"].endswith("-egress") else ""
+    return f"{body['kind']}{suffix}"
+
+
+def children(
+    spec: dict[str, Any] | None = None, settings: Settings = SETTINGS, **kw: Any
+) -> dict[str, dict[str, Any]]:
+    return {key(body): body for body in render(endpoint(spec, **kw), settings)}
 
 
 def container(spec: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -34,7 +43,13 @@ def env(spec: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def test_default_children_and_their_owner() -> None:
     kids = children()
-    assert list(kids) == ["NetworkPolicy", "Service", "Deployment", "PodDisruptionBudget"]
+    assert list(kids) == [
+        "NetworkPolicy",
+        "NetworkPolicy/egress",
+        "Service",
+        "Deployment",
+        "PodDisruptionBudget",
+    ]
     for body in kids.values():
         assert body["metadata"]["namespace"] == "ml"
         assert body["metadata"]["labels"][ENDPOINT_LABEL] == "falcon"
@@ -249,16 +264,85 @@ def test_protected_with_own_secret() -> None:
     )
 
 
+GATEWAY_PODS = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "llm-system"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "llm-gateway"}},
+}
+
+
 def test_access_modes_and_network_policy() -> None:
     public = children({"access": "public"})
     assert "NetworkPolicy" not in public
     assert "llm-endpoints.io/api-key-secret" not in public["Service"]["metadata"]["annotations"]
     protected = children({"access": "protected"})["NetworkPolicy"]["spec"]
-    system = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "llm-system"}}}
-    assert protected["ingress"][0]["from"] == [system]
+    assert protected["ingress"] == [{"from": [GATEWAY_PODS], "ports": [{"port": 8080, "protocol": "TCP"}]}]
     private = children({"access": "private"})["NetworkPolicy"]["spec"]
-    assert private["ingress"][0]["from"] == [system, {"podSelector": {}}]
+    assert private["ingress"][0]["from"] == [GATEWAY_PODS, {"podSelector": {}}]
     assert private["podSelector"] == {"matchLabels": {ENDPOINT_LABEL: "falcon"}}
+
+
+def test_only_the_gateway_pods_reach_a_protected_endpoint() -> None:
+    """One peer with both selectors: pods with the gateway's labels in the gateway's namespace, not every pod
+    of that namespace (the operator scrapes no serving pod, so it gets no way in either)."""
+    settings = Settings(
+        system_namespace="llm-system", gateway_namespace="edge", gateway_labels={"app": "gw", "rel": "a"}
+    )
+    (peer,) = children(settings=settings)["NetworkPolicy"]["spec"]["ingress"][0]["from"]
+    assert peer == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "edge"}},
+        "podSelector": {"matchLabels": {"app": "gw", "rel": "a"}},
+    }
+
+
+@pytest.mark.parametrize("access", ["public", "private", "protected"])
+def test_serving_pods_may_only_resolve_names_and_download_over_https(access: str) -> None:
+    policy = children({"access": access})["NetworkPolicy/egress"]
+    assert policy["metadata"]["name"] == "falcon-egress"
+    assert policy["spec"] == {
+        "podSelector": {"matchLabels": {ENDPOINT_LABEL: "falcon"}},
+        "policyTypes": ["Egress"],
+        "egress": [
+            {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]},
+            {"ports": [{"port": 443, "protocol": "TCP"}]},
+        ],
+    }
+    dns_only = children({"access": access}, settings=Settings(serving_egress_ports=()))
+    assert len(dns_only["NetworkPolicy/egress"]["spec"]["egress"]) == 1
+
+
+def test_protected_pods_require_the_endpoints_key() -> None:
+    """API_KEY comes from the key Secret by reference (the operator never reads it into the manifest), and a
+    pod-template annotation hashes the reference and the published key hash, so pointing at another Secret or
+    rotating the key rolls the pods."""
+    default, own = (
+        children(spec)["Deployment"]["spec"]["template"]
+        for spec in ({}, {"apiKeySecretRef": {"name": "mine", "key": "k"}})
+    )
+    assert env()["API_KEY"] == {
+        "name": "API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "falcon-api-key", "key": "token"}},
+    }
+    assert env({"apiKeySecretRef": {"name": "mine", "key": "k"}})["API_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "mine", "key": "k"}
+    }
+    hashes = [t["metadata"]["annotations"]["llm-endpoints.io/api-key-ref"] for t in (default, own)]
+    assert hashes[0] != hashes[1]
+    assert all(len(h) == 16 for h in hashes)
+    rotated = children({}, status={"apiKeyHash": key_hash("uid-1", "new")})["Deployment"]["spec"]["template"]
+    assert rotated["metadata"]["annotations"]["llm-endpoints.io/api-key-ref"] != hashes[0]  # pods roll
+    for access in ("public", "private"):
+        template = children({"access": access})["Deployment"]["spec"]["template"]
+        assert "llm-endpoints.io/api-key-ref" not in template["metadata"]["annotations"]
+        assert "API_KEY" not in env({"access": access})
+
+
+def test_spec_env_cannot_replace_the_operators_own() -> None:
+    spec = {
+        "env": [{"name": "API_KEY", "value": "known"}, {"name": "GRACEFUL_SHUTDOWN_SECONDS", "value": "1"}]
+    }
+    names = [var["name"] for var in container(spec)["env"]]
+    assert names.count("API_KEY") == names.count("GRACEFUL_SHUTDOWN_SECONDS") == 1
+    assert "valueFrom" in env(spec)["API_KEY"]
 
 
 def test_disruption_budget() -> None:
@@ -296,6 +380,13 @@ def test_a_paused_endpoint_is_held_at_zero(current: int | None, expected: int | 
     assert replica_correction(current, paused) == expected
 
 
-def test_the_server_drains_for_the_grace_period_less_the_pre_stop_pause() -> None:
-    args = container({})["args"]
-    assert flag(args, "--drain-seconds") == "290"  # 300 s grace, 5 s preStop, 5 s to exit
+@pytest.mark.parametrize(("grace", "drain"), [(300, "290"), (120, "110"), (8, "1")])
+def test_the_server_drains_for_the_grace_period_less_the_pre_stop_pause(grace: int, drain: str) -> None:
+    """SIGTERM comes after the preStop pause; the drain budget leaves 5 s to exit before SIGKILL."""
+    kids = children(settings=Settings(termination_grace_seconds=grace))
+    pod = kids["Deployment"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == grace
+    (server,) = pod["containers"]
+    assert server["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+    variables = {var["name"]: var for var in server["env"]}
+    assert variables["GRACEFUL_SHUTDOWN_SECONDS"] == {"name": "GRACEFUL_SHUTDOWN_SECONDS", "value": drain}

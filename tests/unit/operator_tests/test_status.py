@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from llm_operator import apply
 from llm_operator.api.v1alpha1 import LLMEndpoint, LLMEndpointStatus
-from llm_operator.status import announcement, compute_status
+from llm_operator.apikey import key_hash, published_key
+from llm_operator.status import announcement, compute_status, wake_due, wake_requested
 from tests.unit.operator_tests.factories import deployment, endpoint, pod
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -262,3 +265,49 @@ def test_gpu_pod_blocked_by_something_else_is_not_waiting_for_gpu() -> None:
     assert ready is not None
     assert ready.reason == "Unschedulable"
     assert ready.message.endswith(unbound)
+
+
+def test_wake_due_until_the_operator_acknowledges_that_request() -> None:
+    first, second = "2026-01-02T03:04:05.000001Z", "2026-01-02T03:04:05.000002Z"
+    assert not wake_due(LLMEndpointStatus())
+    assert wake_due(endpoint(status={"wakeRequestedAt": first}).status)
+    acknowledged = {"wakeRequestedAt": first, "wakeAcknowledged": first}
+    assert not wake_due(endpoint(status=acknowledged).status)
+    # a second request within the same second is a new wake (microseconds are kept)
+    assert wake_due(endpoint(status={**acknowledged, "wakeRequestedAt": second}).status)
+    assert wake_requested({"wakeRequestedAt": second, "wakeAcknowledged": first})
+    assert not wake_requested({"wakeRequestedAt": "not a time"})
+
+
+def test_gateway_and_key_fields_carried_and_only_the_operators_written() -> None:
+    stored = {
+        "wakeRequestedAt": "2026-01-02T03:04:05.123456Z",
+        "wakeAcknowledged": "2026-01-02T03:04:05.123456Z",
+        "apiKeyHash": key_hash("uid-1", "s3cret"),
+    }
+    result = status(endpoint({"access": "protected"}, status=stored), deployment(1, 1), [pod(ready=True)])
+    assert result.wake_requested_at == datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
+    assert result.api_key_hash == stored["apiKeyHash"]
+    written = apply.status_patch(result)
+    assert "wakeRequestedAt" not in written  # the gateway's field: a merge patch leaves it as it is
+    assert written["wakeAcknowledged"] == stored["wakeAcknowledged"]  # microseconds round-trip
+    assert apply.status_patch(result.model_copy(update={"api_key_hash": None}))["apiKeyHash"] is None
+
+
+def test_published_key_from_the_endpoints_secret() -> None:
+    def secret(data: dict[str, str], owner: str | None = "uid-1") -> dict[str, Any]:
+        refs = [{"uid": owner, "controller": True}] if owner else []
+        encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+        return {"metadata": {"name": "falcon-api-key", "ownerReferences": refs}, "data": encoded}
+
+    protected = endpoint({"access": "protected"})
+    assert published_key(protected, secret({"token": "s3cret\n"})) == key_hash("uid-1", "s3cret")
+    assert published_key(protected, None) is None
+    assert published_key(protected, secret({"other": "s3cret"})) is None
+    assert published_key(protected, secret({"token": " "})) is None
+    assert published_key(protected, {"data": {"token": "%%%"}}) is None  # not base64
+    assert published_key(protected, secret({"token": "planted"}, owner="someone-else")) is None
+    named = endpoint({"access": "protected", "apiKeySecretRef": {"name": "mine", "key": "k"}})
+    assert published_key(named, secret({"k": "s3cret"}, owner=None)) == key_hash("uid-1", "s3cret")
+    public = endpoint({"access": "public"})
+    assert published_key(public, secret({"token": "s3cret"})) is None  # nothing published
