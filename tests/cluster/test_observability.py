@@ -18,7 +18,7 @@ import llm_operator.metrics
 from llm_operator.gateway.metrics import GatewayMetrics
 from llm_serving.metrics import Metrics as ServingMetrics
 from tests.cluster.harness import Cluster
-from tests.cluster.test_chart import CHART, helm
+from tests.cluster.test_chart import CHART, render
 
 pytestmark = pytest.mark.cluster
 KEYWORDS = {"and", "or", "unless", "bool", "offset"}
@@ -85,10 +85,8 @@ def test_the_dashboard_covers_what_operators_watch() -> None:
 
 
 def test_every_alert_names_an_exported_metric(cluster: Cluster) -> None:
-    rendered = helm(
-        cluster, "template", "rel", str(CHART), "--set", "metrics.prometheusRule.enabled=true"
-    ).stdout
-    rule = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "PrometheusRule")
+    rendered = render(cluster, "metrics.prometheusRule.enabled=true")
+    rule = next(d for d in rendered if d["kind"] == "PrometheusRule")
     alerts = {r["alert"]: r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]}
     assert set(alerts) == {"LLMEndpointDegraded", "LLMEndpointWakeFailures", "LLMEndpointQueueGrowing"}
     names = queried(alerts.values())
@@ -104,10 +102,8 @@ def test_every_alert_names_an_exported_metric(cluster: Cluster) -> None:
 def test_the_service_monitor_keeps_the_endpoint_labels(cluster: Cluster) -> None:
     """Alerts and dashboard group by the endpoint's `namespace` and `endpoint` labels, which the gateway and
     the operator set on their series: Prometheus must keep them, not replace them with the target's."""
-    rendered = helm(
-        cluster, "template", "rel", str(CHART), "--set", "metrics.serviceMonitor.enabled=true"
-    ).stdout
-    monitor = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "ServiceMonitor")
+    rendered = render(cluster, "metrics.serviceMonitor.enabled=true")
+    monitor = next(d for d in rendered if d["kind"] == "ServiceMonitor")
     assert [e.get("honorLabels") for e in monitor["spec"]["endpoints"]] == [True, True]
 
 
@@ -119,10 +115,8 @@ def test_every_query_parses_as_promql(cluster: Cluster, tmp_path: Path) -> None:
     chart renders them, and each dashboard query as a recording rule, Grafana's variables filled in."""
     promtool = shutil.which("promtool")
     assert promtool, "promtool is missing: run `make system-packages` (Debian's prometheus package)"
-    rendered = helm(
-        cluster, "template", "rel", str(CHART), "--set", "metrics.prometheusRule.enabled=true"
-    ).stdout
-    rule = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "PrometheusRule")
+    rendered = render(cluster, "metrics.prometheusRule.enabled=true")
+    rule = next(d for d in rendered if d["kind"] == "PrometheusRule")
     recorded = []
     for number, expr in enumerate(dashboard_expressions()):
         for variable, value in GRAFANA_VARIABLES.items():
