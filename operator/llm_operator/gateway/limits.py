@@ -122,6 +122,10 @@ def _answer(status: int, message: str, error_type: str, extra: bytes = b"") -> b
     return STATUS_LINE[status] + head + extra + b"\r\n" + body
 
 
+LINGER_SECONDS = 2.0
+"""How long a refused connection's input is still read and dropped before it is closed."""
+
+
 class BoundedHttpTools(OriginFormTarget):
     """uvicorn's httptools protocol with the connection caps, the header size bound and the header deadline.
 
@@ -236,7 +240,13 @@ class BoundedHttpTools(OriginFormTarget):
             return
         if answer and (self.cycle is None or self.cycle.response_complete):
             self.transport.write(answer)
-        self.transport.close()
+        if not answer or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        # A lingering close, as nginx does: closing with unread input would send a reset that can reach the
+        # client before the answer does. Send the answer and a FIN, drop what still arrives, close later.
+        self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
 
 def bounded_protocol(limits: ServerLimits) -> type[BoundedHttpTools]:
