@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
+import httpx
 import yaml
 
 from llm_operator.settings import ENDPOINT_LABEL
@@ -197,15 +198,28 @@ class OperatorProcess(ComponentProcess):
         )  # fmt: skip
 
 
-class GatewayProcess(ComponentProcess):
-    """`python -m llm_operator.gateway` on free ports; `url` reaches its traffic port on loopback,
-    `admin_url` its admin port (/metrics, /healthz, /readyz)."""
+class GatewayPorts(ComponentProcess):
+    """A gateway module on free loopback ports: `url` is its traffic port, `admin_url` its admin port
+    (/metrics, /healthz, /readyz)."""
+
+    def __init__(self, module: str, log: Path, args: Sequence[str]) -> None:
+        self.port, admin = free_port(), free_port()
+        self.url, self.admin_url = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{admin}"
+        super().__init__(module, log, [f"--port={self.port}", f"--admin-port={admin}", *args])
+
+    def ready(self) -> bool:
+        """Whether its admin port answers /readyz with 200 (it must still be running)."""
+        assert self.alive, f"the gateway exited:\n{self.tail()}"
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{self.admin_url}/readyz", timeout=5).status_code == 200
+        return False
+
+
+class GatewayProcess(GatewayPorts):
+    """`python -m llm_operator.gateway` on free ports, watching the cluster of `kubeconfig`."""
 
     def __init__(self, kubeconfig: Path, log: Path, *args: str) -> None:
-        port, admin = free_port(), free_port()
-        self.url, self.admin_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
-        flags = [f"--kubeconfig={kubeconfig}", f"--port={port}", f"--admin-port={admin}"]
-        super().__init__("llm_operator.gateway", log, [*flags, *args])
+        super().__init__("llm_operator.gateway", log, [f"--kubeconfig={kubeconfig}", *args])
 
 
 @contextlib.contextmanager

@@ -321,10 +321,10 @@ def test_1_rolling_the_gateway_finishes_its_streams(faults: Stack) -> None:
     old = start_gateway(faults.cluster, faults.namespace, "e2e-gateway-old.log", grace)
     new: GatewayProcess | None = None
     try:
-        wait_for(lambda: readyz(old), 60, "the old gateway ready")
+        wait_for(old.ready, 60, "the old gateway ready")
         load = streams_through(old, faults.namespace)
         new = start_gateway(faults.cluster, faults.namespace, "e2e-gateway-new.log", grace)
-        wait_for(lambda: readyz(new), 60, "the new gateway ready")
+        wait_for(new.ready, 60, "the new gateway ready")
         fault = time.monotonic()
         old.signal(signal.SIGTERM)
         fresh = fresh_streams(new, faults.namespace)  # new traffic goes to the new gateway
@@ -339,13 +339,6 @@ def test_1_rolling_the_gateway_finishes_its_streams(faults: Stack) -> None:
         old.stop()
         if new is not None:
             new.stop()
-
-
-def readyz(gateway: GatewayProcess) -> bool:
-    try:
-        return httpx.get(f"{gateway.admin_url}/readyz", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_2_killing_a_serving_pod_ends_its_streams_with_an_error_event(faults: Stack) -> None:
@@ -390,7 +383,7 @@ def test_3_a_replica_that_goes_silent_ends_its_streams_with_an_error_event(fault
     silence = f"--upstream-read-timeout={SILENCE_SECONDS}"
     gateway = start_gateway(faults.cluster, faults.namespace, "e2e-gateway-silent.log", silence)
     try:
-        wait_for(lambda: readyz(gateway), 60, "the gateway ready")
+        wait_for(gateway.ready, 60, "the gateway ready")
         load = streams_through(gateway, faults.namespace)
         victim, *_ = ready_pods(faults)
         carried = int(serving_in_flight(victim))

@@ -11,12 +11,10 @@ import asyncio
 import contextlib
 import json
 import socket
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Self
 
-import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -25,8 +23,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 from uvicorn.config import HTTPProtocolType
 
-from tests.cluster.operator_support import ComponentProcess
-from tests.ports import free_port
+from tests.cluster.operator_support import GatewayPorts, wait_for
 
 
 @contextlib.asynccontextmanager
@@ -112,27 +109,19 @@ class StandInUpstream:
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
-class StandaloneGateway(ComponentProcess):
+class StandaloneGateway(GatewayPorts):
     """The gateway process (`tests.gateway.standalone`: the gateway's own flags and servers, the routing
-    table given as `--route` flags) on free loopback ports; `url` is its traffic port, `admin_url` its
-    admin port. Started, it is ready once its admin port answers `/readyz`."""
+    table given as `--route` flags) on free loopback ports. Started, it is ready once its admin port
+    answers `/readyz`."""
 
     def __init__(self, log: Path, *args: str) -> None:
-        port, admin = free_port(), free_port()
-        self.url, self.admin_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
-        self.port = port
-        flags = ["--host=127.0.0.1", f"--port={port}", f"--admin-port={admin}", "--log-level=warning"]
+        flags = ["--host=127.0.0.1", "--log-level=warning"]
         super().__init__("tests.gateway.standalone", log, [*flags, *args])
 
     def start(self) -> Self:
         super().start()
-        for _ in range(300):
-            assert self.alive, f"the gateway exited:\n{self.tail()}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.admin_url}/readyz", timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.05)
-        raise TimeoutError(f"the gateway did not get ready:\n{self.tail()}")
+        wait_for(self.ready, 15, f"the gateway ready (log: {self.log})", interval=0.05)
+        return self
 
     def rss(self) -> int:
         """The process's resident memory, bytes (VmRSS of /proc/PID/status)."""
