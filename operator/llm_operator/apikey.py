@@ -40,8 +40,8 @@ def matches(published: str | None, token: str) -> bool:
 
 
 def published_key(endpoint: LLMEndpoint, secret: Manifest | None) -> str | None:
-    """`status.apiKeyHash` of a protected endpoint from its key Secret, or None (the gateway then refuses
-    every request): no Secret, no such key, not base64, or a `<name>-api-key` the endpoint does not own."""
+    """`status.apiKeyHash` of a protected endpoint from its key Secret, or None (the gateway then admits
+    nobody): no Secret, no such key, not base64, or a `<name>-api-key` the endpoint does not own."""
     ref = api_key_ref(endpoint)
     if ref is None or secret is None:
         return None

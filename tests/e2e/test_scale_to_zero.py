@@ -176,7 +176,15 @@ def test_5_protected_endpoint_needs_its_token(running: Stack) -> None:
     def refused_without_token() -> bool:
         return httpx.post(generate, json=body, timeout=300).status_code == 401
 
+    def key_published() -> bool:
+        probe = httpx.post(generate, json=body, headers={"Authorization": "Bearer nope"}, timeout=300)
+        if probe.status_code == 503:  # protected, but the operator has not published the key's hash yet
+            assert probe.json()["error_type"] == "api_key_unavailable", probe.text
+            return False
+        return True
+
     wait_for(refused_without_token, 60, "the gateway to enforce the token")
+    wait_for(key_published, 60, "the operator to publish the key's hash")
     wrong = httpx.post(generate, json=body, headers={"Authorization": "Bearer nope"}, timeout=300)
     assert wrong.status_code == 401
     assert wrong.json()["error_type"]

@@ -43,6 +43,15 @@ class Unauthorized(AccessDenied):
         return {"www-authenticate": "Bearer"}
 
 
+class KeyNotPublished(GatewayError):
+    """A protected endpoint whose key hash the operator has not published (yet): no token can be checked."""
+
+    error_type = "api_key_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": "5"}
+
+
 class OutsideCluster(AccessDenied):
     """A private endpoint called from outside the cluster network."""
 
@@ -121,5 +130,10 @@ def check(route: Route, policy: AccessPolicy, peer: str | None, headers: Mapping
     given = bearer(headers)
     if given is None:
         raise Unauthorized("missing bearer token: send `Authorization: Bearer <token>`")
+    if not route.api_key_hash:
+        raise KeyNotPublished(
+            f"endpoint {route.namespace}/{route.name} is protected but the operator has not published its "
+            "API key (the key Secret is missing or unreadable, or not reconciled yet): see its conditions"
+        )
     if not apikey.matches(route.api_key_hash, given):
         raise Unauthorized("invalid bearer token")

@@ -37,8 +37,24 @@ def test_protected_needs_the_exact_bearer_token() -> None:
         assert caught.value.status == 401
 
 
-def test_protected_without_a_published_hash_refuses_everyone() -> None:
-    for published in (None, "", "sha256::" + "0" * 64, "md5:x:y", "s3cret"):
+def test_protected_without_a_published_hash_is_unavailable_not_a_wrong_token() -> None:
+    for published in (None, ""):
+        with pytest.raises(auth.KeyNotPublished) as caught:
+            auth.check(
+                Route("ml", "falcon", "protected", published),
+                POLICY,
+                "10.0.0.1",
+                {"authorization": "Bearer s3cret"},
+            )
+        assert caught.value.status == 503
+        assert "ml/falcon" in str(caught.value)
+        assert caught.value.headers()["retry-after"]
+    with pytest.raises(auth.Unauthorized):
+        auth.check(Route("ml", "falcon", "protected"), POLICY, "10.0.0.1", {})
+
+
+def test_protected_with_a_malformed_hash_refuses_everyone() -> None:
+    for published in ("sha256::" + "0" * 64, "md5:x:y", "s3cret"):
         with pytest.raises(auth.Unauthorized):
             auth.check(
                 Route("ml", "falcon", "protected", published),
