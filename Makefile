@@ -1,6 +1,6 @@
 # llm-endpoints — the two commands a newcomer needs are `make run` and `make test`.
 # Every target installs what it needs itself: a uv-managed virtualenv in .venv (pinned by uv.lock)
-# and the control-plane binaries built from Go modules (cached outside the clone, see tests/cluster/tools).
+# and the control-plane binaries built from Go modules (cached outside the clone, see devstack/tools).
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -8,9 +8,8 @@ UV_VERSION := 0.13.8
 UV := .cache/bootstrap/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
-export PYTHONPATH := $(CURDIR)
 
-HELM = $(shell $(PY) -c "from tests.cluster.harness import default_bin_dir; print(default_bin_dir() / 'helm')")
+HELM = $(shell $(PY) -c "from llm_devstack.controlplane import default_bin_dir; print(default_bin_dir() / 'helm')")
 CRD_OUTPUTS := crds/llmendpoints.yaml charts/llm-endpoints/crds/llmendpoints.yaml
 
 .PHONY: help run test lint typecheck generated unit cluster-tests serving-tests e2e-tests crds manifests install-yaml cluster-bin system-packages bench venv clean
@@ -19,14 +18,15 @@ help:  ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 run: venv cluster-bin  ## A local SmolLM2 endpoint end to end: control plane, operator, gateway, local node (Ctrl-C stops all)
-	$(PY) -m tests.cluster.local
+	$(PY) -m llm_devstack
 
 test: venv cluster-bin lint typecheck generated  ## Lint, type-check, check generated files, then every test suite
 	$(PY) -m pytest tests
 
-lint: venv  ## ruff (lint and format)
+lint: venv  ## ruff (lint and format), import-linter (which packages may import which)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 typecheck: venv  ## mypy --strict on our packages and tests
 	$(VENV)/bin/mypy
@@ -67,7 +67,7 @@ e2e-tests: venv cluster-bin  ## The whole stack: manifest -> operator -> node ag
 
 cluster-bin: system-packages  ## Build kube-apiserver, controller-manager, scheduler, kubectl, etcd, kwok, helm (once)
 	@command -v go >/dev/null || { echo "make: Go is needed to build the control plane (go.dev/doc/install)"; exit 1; }
-	@bash tests/cluster/tools/build.sh
+	@bash devstack/tools/build.sh
 
 # Debian packages: iproute2 (pod network namespaces of the local node agent), prometheus (the autoscaler's
 # Prometheus source is tested against a real server), nginx (the gateway benchmark's reference proxy), curl.
@@ -82,18 +82,19 @@ system-packages:  ## Install the Debian packages the tests and benchmarks run (i
 
 venv: $(VENV)/.synced  ## Create .venv from uv.lock
 
-$(VENV)/.synced: uv.lock pyproject.toml operator/pyproject.toml serving/pyproject.toml
+$(VENV)/.synced: uv.lock pyproject.toml operator/pyproject.toml serving/pyproject.toml devstack/pyproject.toml
 	@test -x $(UV) || { $(PYTHON) -m venv .cache/bootstrap && .cache/bootstrap/bin/pip install -q uv==$(UV_VERSION); }
 	$(UV) sync --frozen
 	@touch $@
 
 bench: venv cluster-bin  ## Side-by-side benchmarks (serving, gateway, wake, cold start, operator); results in bench/results/
-	$(PY) bench/serving.py
-	$(PY) bench/gateway.py
-	$(PY) bench/gateway_memory.py
-	$(PY) bench/wake.py
-	$(PY) bench/cold_start.py
-	$(PY) bench/operator_convergence.py
+	$(PY) -m bench.serving
+	$(PY) -m bench.engine
+	$(PY) -m bench.gateway
+	$(PY) -m bench.gateway_memory
+	$(PY) -m bench.wake
+	$(PY) -m bench.cold_start
+	$(PY) -m bench.operator_convergence
 
 clean:  ## Remove the virtualenv and local caches in the clone (Go and uv caches stay)
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache

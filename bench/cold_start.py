@@ -15,18 +15,15 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 from huggingface_hub import InferenceClient
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from llm_operator.gateway.coldstart import PHASES  # noqa: E402
-from tests.cluster.local import EXAMPLE, local_stack, wait_running  # noqa: E402
+from llm_devstack.paths import ROOT
+from llm_devstack.stack import EXAMPLE, local_stack, wait_running
+from llm_devstack.waits import wait_for
+from llm_operator.gateway.coldstart import PHASES
 
 WORKDIR = ROOT / ".cache" / "bench-cold-start"
 RESULTS = ROOT / "bench" / "results" / "cold_start.json"
@@ -46,15 +43,6 @@ def phase_sums(admin_url: str) -> dict[str, float]:
     return sums
 
 
-def wait(condition: Callable[[], bool], what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"not within {timeout:.0f}s: {what}")
-
-
 def main() -> int:
     shutil.rmtree(WORKDIR, ignore_errors=True)
     rounds: list[dict[str, float]] = []
@@ -71,7 +59,7 @@ def main() -> int:
 
         for number in range(1, ROUNDS + 1):
             cluster.kubectl("scale", "deployment", NAME, "--replicas=0")
-            wait(no_pods, "the endpoint's pods to be gone")
+            wait_for(no_pods, 300, "the endpoint's pods to be gone", interval=0.5)
             before = phase_sums(stack.gateway_admin_url)
             started = time.monotonic()
             client.text_generation("Once upon a time,", max_new_tokens=8)
@@ -80,7 +68,7 @@ def main() -> int:
             def recorded(seen: float = before.get("first_byte", 0.0)) -> bool:
                 return phase_sums(stack.gateway_admin_url).get("first_byte", 0.0) > seen
 
-            wait(recorded, "this wake's breakdown", 30)
+            wait_for(recorded, 30, "this wake's breakdown", interval=0.5)
             after = phase_sums(stack.gateway_admin_url)
             this = {p: after[p] - before.get(p, 0.0) for p in PHASES}
             this["client_total"] = total

@@ -1,7 +1,7 @@
 """Benchmark: what the gateway costs, against calling the upstream directly and against nginx as a plain
 proxy.
 
-    .venv/bin/python bench/gateway.py [--requests 1000] [--concurrency 32] [--rounds 5]
+    .venv/bin/python -m bench.gateway [--requests 1000] [--concurrency 32] [--rounds 5]
 
 Three ways to one upstream, under the same load in one run:
 - direct: the client calls the upstream;
@@ -10,8 +10,8 @@ Three ways to one upstream, under the same load in one run:
 - nginx: through /usr/sbin/nginx as a plain reverse proxy (one worker, HTTP/1.1 upstream keep-alive,
   `proxy_buffering off`), from a config generated in a temporary folder.
 
-The upstream is the stand-in replica of tests/gateway/support.py (a starlette app under uvicorn, not the
-serving server, so the figures are the proxies' own cost): `/generate` answers one JSON body, and
+The upstream is the dev stack's stand-in replica (`llm_devstack.upstream`: a starlette app under uvicorn,
+not the serving server, so the figures are the proxies' own cost): `/generate` answers one JSON body, and
 `/generate_stream` eight SSE events. Each server runs in its own process on 127.0.0.1, the client (aiohttp)
 in this one. To share the machine's noise fairly, the three ways are interleaved: latency request by request
 (sequential: p50/p99 of `/generate`, and of a whole `/generate_stream`), throughput round by round (streams
@@ -40,10 +40,8 @@ from typing import Any
 import aiohttp
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.ports import free_port  # noqa: E402
+from llm_devstack.paths import ROOT
+from llm_devstack.ports import free_port
 
 BODY = {"inputs": "hello", "parameters": {"max_new_tokens": 4}}
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -83,10 +81,10 @@ def serve(role: str, port: int, upstream: str) -> None:
     """Child process: run the upstream, or the gateway (routing table fed with the upstream)."""
     import uvicorn
 
+    from llm_devstack.upstream import StandInUpstream
     from llm_operator.gateway.__main__ import run_loop, server_config
     from llm_operator.gateway.app import Gateway, GatewaySettings
     from llm_operator.gateway.routing import Route, RoutingTable
-    from tests.gateway.support import StandInUpstream
 
     async def never(_: Any) -> None:
         raise RuntimeError("the bench endpoint is always ready")

@@ -1,8 +1,8 @@
 """The gateway process's memory under 1,000 idle keep-alive connections and under 100 held requests.
 
-The real gateway process (`tests.gateway.standalone`: the gateway's own flags, servers and bounds; its routing
-table given on the command line), a fresh one per load, RSS read from /proc/PID/status (VmRSS) before and
-after it:
+The real gateway process (`llm_devstack.standalone_gateway`: the gateway's own flags, servers and bounds;
+its routing table given on the command line), a fresh one per load, RSS read from /proc/PID/status (VmRSS)
+before and after it:
 1. 1,000 connections that each made one request and now idle (keep-alive and header deadlines raised so they
    stay open while measured; spread over four loopback addresses, under the per-client cap);
 2. 100 requests held for an endpoint at zero whose wake never completes (1 KiB bodies, four addresses).
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
@@ -25,11 +24,9 @@ from typing import Any
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from llm_operator.gateway.limits import ServerLimits  # noqa: E402
-from tests.gateway.support import StandaloneGateway  # noqa: E402
+from llm_devstack.paths import ROOT
+from llm_devstack.processes import StandaloneGateway
+from llm_operator.gateway.limits import ServerLimits
 
 RESULTS = ROOT / "bench" / "results" / "gateway_memory.json"
 VALUES = ROOT / "charts" / "llm-endpoints" / "values.yaml"
@@ -104,7 +101,14 @@ async def held_requests(gateway: StandaloneGateway) -> dict[str, Any]:
 
 def run(load: Callable[[StandaloneGateway], Coroutine[Any, Any, dict[str, Any]]]) -> dict[str, Any]:
     """`load` against a fresh gateway process."""
-    flags = ("--route=bench/asleep=", "--idle-seconds=600", "--header-seconds=600", "--hold-timeout=600")
+    # HELD is above the default hold per endpoint; each of the four addresses holds a quarter of it
+    flags = (
+        "--route=bench/asleep=",
+        "--idle-seconds=600",
+        "--header-seconds=600",
+        "--hold-timeout=600",
+        f"--max-held={HELD}",
+    )
     with tempfile.TemporaryDirectory(prefix="bench-gateway-memory-") as tmp:
         gateway = StandaloneGateway(Path(tmp) / "gateway.log", *flags).start()
         try:

@@ -3,7 +3,7 @@
 Driven by bench/gpu_check.sh (one device run); also runs on CPU with a small model (see that script).
 
   probe  engine-level check that needs no tokenizer or HTTP: a tiny float32 random Llama, greedy tokens from
-         `ModelRunner` steps (staggered arrivals, filter + concat of the KV cache) vs `model.generate` alone.
+         `ModelRunner` steps (staggered arrivals over the paged KV cache) vs `model.generate` alone.
          Run once with the device's own transformers and once with the project's pinned one.
   full   builds a random-weight Llama (bf16 on GPU) with SmolLM2's tokenizer, starts `python -m llm_serving`,
          checks /health and /info, streams with huggingface_hub's InferenceClient, checks that requests
@@ -16,7 +16,6 @@ Results: <out>/probe-<tag>.json, <out>/results.json, <out>/server.log, <out>/met
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import json
 import os
@@ -32,9 +31,7 @@ from typing import Any
 
 import httpx
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path.insert(0, str(ROOT / "serving"))
+from llm_devstack.paths import ROOT
 
 EQ_PROMPTS = [
     "Once upon a time,",
@@ -47,16 +44,30 @@ EQ_PROMPTS = [
 
 
 def _bench_serving() -> Any:
-    """bench/serving.py (start_server, stream_runs, run_generate, mixed_arrivals, PROMPTS), loaded by path."""
-    module = sys.modules.get("bench_serving")
-    if module is None:
-        spec = importlib.util.spec_from_file_location("bench_serving", BENCH / "serving.py")
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_serving"] = module
-        spec.loader.exec_module(module)
-    return module
+    """bench/serving.py (start_server, stream_runs, run_generate, mixed_arrivals, PROMPTS), imported when
+    first needed."""
+    from bench import serving
+
+    return serving
+
+
+def _paged_runner(model: Any, rows: int, max_len: int) -> tuple[Any, list[tuple[int, ...]]]:
+    """A ModelRunner over a paged KV cache with one disjoint block table of `max_len` tokens per row."""
+    from llm_serving.engine.kv_cache import PagedKVCache, default_block_size
+    from llm_serving.engine.runner import ModelRunner
+
+    block = default_block_size(next(model.parameters()).device)
+    per = -(-max_len // block)
+    tables = [tuple(range(r * per, (r + 1) * per)) for r in range(rows)]
+    return ModelRunner(model, PagedKVCache(model, rows * per, block)), tables
+
+
+def _decode_plan(tables: list[tuple[int, ...]], starts: list[int]) -> Any:
+    """Every row decodes token 5 at position `starts[row]`."""
+    from llm_serving.engine.runner import RowPlan, StepPlan
+
+    rows = (RowPlan((5,), s, t, True) for s, t in zip(starts, tables, strict=True))
+    return StepPlan(rows=tuple(rows))
 
 
 def log(msg: str) -> None:
@@ -75,7 +86,7 @@ def probe(out: Path, tag: str) -> int:
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llm_serving.engine.runner import ModelRunner, StepPlan
+    from llm_serving.engine.runner import RowPlan, StepPlan
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result: dict[str, Any] = {
@@ -118,13 +129,13 @@ def probe(out: Path, tag: str) -> int:
                 pad_token_id=0,
             )
             reference.append(gen[0, len(p) :].tolist())
-    # Engine steps: prompt 0 alone for 3 steps, then prompts 1 and 2 join (concat with left padding);
-    # each row leaves the batch once it has `steps` tokens (filter).
+    # Engine steps: prompt 0 alone for 3 steps, then prompts 1 and 2 join; each row leaves the step once it
+    # has `steps` tokens.
     got: list[list[int]] = [[] for _ in prompts]
     arrive = {0: [0], 3: [1, 2]}
     order: list[int] = []  # request index of each batch row
     try:
-        runner = ModelRunner(model)
+        runner, tables = _paged_runner(model, len(prompts), max(map(len, prompts)) + steps)
         step = 0
         while any(len(g) < steps for g in got):
             kept = [r for r in order if len(got[r]) < steps]  # rows of the runner's batch still going
@@ -132,12 +143,10 @@ def probe(out: Path, tag: str) -> int:
             step += 1
             if not kept and not new:
                 continue
-            plan = StepPlan(
-                keep=tuple(order.index(r) for r in kept),
-                decode_tokens=tuple(got[r][-1] for r in kept),
-                prompts=tuple(prompts[r] for r in new),
-                prompt_logprobs=tuple(False for _ in new),
-            )
+            decode = [
+                RowPlan((got[r][-1],), len(prompts[r]) + len(got[r]) - 1, tables[r], True) for r in kept
+            ]
+            plan = StepPlan(rows=(*decode, *(RowPlan(prompts[r], 0, tables[r], True) for r in new)))
             logits = runner.execute(plan).logits
             order = kept + new
             for row, r in enumerate(order):
@@ -483,14 +492,14 @@ def _step_ms(model: Any, batch: int, padded: bool, steps: int) -> float:
     """Median wall time of one engine decode step (ModelRunner.execute, logits copied to the CPU)."""
     import torch
 
-    from llm_serving.engine.runner import ModelRunner, StepPlan
+    from llm_serving.engine.runner import RowPlan, StepPlan
 
     rng = random.Random(batch)
     lens = [rng.randrange(20, 60) if padded else 40 for _ in range(batch)]
     prompts = tuple(tuple(rng.randrange(100, 40000) for _ in range(n)) for n in lens)
-    runner = ModelRunner(model)
-    runner.execute(StepPlan(keep=(), decode_tokens=(), prompts=prompts, prompt_logprobs=(False,) * batch))
-    plan = StepPlan(keep=tuple(range(batch)), decode_tokens=(5,) * batch, prompts=(), prompt_logprobs=())
+    runner, tables = _paged_runner(model, batch, max(lens) + 1)
+    runner.execute(StepPlan(rows=tuple(RowPlan(p, 0, t, True) for p, t in zip(prompts, tables, strict=True))))
+    plan = _decode_plan(tables, lens)
     times = []
     for _ in range(steps + 2):
         if torch.cuda.is_available():
@@ -509,7 +518,7 @@ def diag(a: argparse.Namespace) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from llm_serving.engine.runner import ModelRunner, StepPlan
+    from llm_serving.engine.runner import RowPlan, StepPlan
     from llm_serving.loading import load, resolve
 
     out: Path = a.out
@@ -523,6 +532,8 @@ def diag(a: argparse.Namespace) -> int:
     # sdpa-no-cudnn: SDPA with PyTorch's cuDNN attention backend switched off (flash / memory-efficient
     # kernels instead). On the H100 with torch 2.11 the cuDNN backend cost ~30-55 ms per decode step at
     # (batch, length) shapes it had not seen, against ~13 ms for eager attention.
+    # The runner attends through its own `llm_paged` attention whatever is set here (its SDPA fallback
+    # follows the cuDNN switch); the model's own implementation only matters to `generate`.
     for attn in ("sdpa", "sdpa-no-cudnn", "eager"):
         try:
             model.set_attn_implementation(attn.removesuffix("-no-cudnn"))
@@ -544,10 +555,10 @@ def diag(a: argparse.Namespace) -> int:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device else [])
     batch = max(a.concurrency)
     lens = [20 + (i * 7) % 40 for i in range(batch)]
-    runner = ModelRunner(model)
+    runner, tables = _paged_runner(model, batch, max(lens) + 1)
     prompts = tuple(tuple(range(100, 100 + n)) for n in lens)
-    runner.execute(StepPlan(keep=(), decode_tokens=(), prompts=prompts, prompt_logprobs=(False,) * batch))
-    plan = StepPlan(keep=tuple(range(batch)), decode_tokens=(5,) * batch, prompts=(), prompt_logprobs=())
+    runner.execute(StepPlan(rows=tuple(RowPlan(p, 0, t, True) for p, t in zip(prompts, tables, strict=True))))
+    plan = _decode_plan(tables, lens)
     runner.execute(plan)
     with profile(activities=activities) as prof:
         for _ in range(3):

@@ -28,7 +28,7 @@ $PY -c 'import sys, torch; print(sys.version.split()[0], sys.executable, "torch"
 echo "== the interpreter's own packages (uv.lock pins: torch 2.15.0, transformers 5.24.0, huggingface-hub 2.4.0, tokenizers 0.23.3)"
 $PY -m pip list 2>/dev/null | grep -iE '^(torch|transformers|huggingface.hub|tokenizers|accelerate|safetensors|prometheus.client|httpx|anyio|h11|click|typing.extensions|regex|numpy|starlette|uvicorn|pydantic|pydantic.core|gguf) '
 
-BASE="$PWD/serving"
+BASE="$PWD/serving:$PWD/devstack"  # the project, without its virtualenv
 TF=""
 if [ -d "$WHL" ]; then
   echo "== wheels from $WHL"
@@ -45,7 +45,7 @@ STAGE=${STAGE:-full}  # full, or diag (step timings, profile, float32 alone/batc
 own=0
 if [ -z "${SKIP_PROBES:-}" ]; then
   echo "== probe: engine steps vs model.generate, the interpreter's own transformers"
-  PYTHONPATH="$BASE" $PY bench/gpu_check.py probe --out "$OUT" --tag own
+  PYTHONPATH="$BASE" $PY -m bench.gpu_check probe --out "$OUT" --tag own
   own=$?
 fi
 main_path="$BASE"
@@ -53,13 +53,13 @@ if [ -n "$TF" ] && [ -n "${SKIP_PROBES:-}" ]; then
   main_path="$TF$BASE"
 elif [ -n "$TF" ]; then
   echo "== probe: the same with the transformers uv.lock pins (carried)"
-  PYTHONPATH="$TF$BASE" $PY bench/gpu_check.py probe --out "$OUT" --tag pinned
+  PYTHONPATH="$TF$BASE" $PY -m bench.gpu_check probe --out "$OUT" --tag pinned
   pinned=$?
   # The full check runs on whichever transformers the engine is right with (the pinned one first).
   if [ $pinned -eq 0 ] || [ $own -ne 0 ]; then main_path="$TF$BASE"; fi
 fi
 echo "== $STAGE (PYTHONPATH=$main_path)"
-PYTHONPATH="$main_path" $PY bench/gpu_check.py "$STAGE" --out "$OUT" --tokenizer "$TOK" "$@"
+PYTHONPATH="$main_path" $PY -m bench.gpu_check "$STAGE" --out "$OUT" --tokenizer "$TOK" "$@"
 rc=$?
 echo "== exit $rc"
 exit $rc

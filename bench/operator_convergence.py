@@ -1,6 +1,6 @@
 """Benchmark: N LLMEndpoints applied at once against the real local control plane converge.
 
-    .venv/bin/python bench/operator_convergence.py [--count 1000] [--no-controllers]
+    .venv/bin/python -m bench.operator_convergence [--count 1000] [--no-controllers]
 
 Converged means every endpoint has its Deployment, Service and PodDisruptionBudget and a status for its
 current generation. Prints the time, the operator's peak RSS and the per-endpoint cost; writes
@@ -10,15 +10,11 @@ scheduler or kwok, so no pods: the operator's cost alone).
 
 from __future__ import annotations
 
-import sys
-
-if sys.path and sys.path[0].rstrip("/").endswith("bench"):
-    del sys.path[0]  # run as a script, this file would shadow the standard library's `operator`
-
 import argparse
 import asyncio
 import json
 import platform
+import sys
 import tempfile
 import threading
 import time
@@ -28,19 +24,13 @@ from typing import Any
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from llm_operator.api.v1alpha1 import API_VERSION, KIND  # noqa: E402
-from llm_operator.kube import Credentials, Kube  # noqa: E402
-from tests.cluster.harness import Cluster  # noqa: E402
-from tests.cluster.operator_support import (  # noqa: E402
-    OperatorProcess,
-    endpoint,
-    install_crd,
-    new_namespace,
-)
-from tests.ports import free_port  # noqa: E402
+from llm_devstack.controlplane import Cluster
+from llm_devstack.paths import ROOT
+from llm_devstack.ports import free_port
+from llm_devstack.processes import OperatorProcess
+from llm_devstack.resources import endpoint, install_crd, new_namespace
+from llm_operator.api.v1alpha1 import API_VERSION, KIND
+from llm_operator.kube import Credentials, Kube
 
 RESULTS = ROOT / "bench" / "results" / "operator.json"
 GOALS = {"seconds": 60.0, "rss_mb": 300.0}

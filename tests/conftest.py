@@ -6,7 +6,7 @@ from collections.abc import Generator, Iterator
 
 import pytest
 
-from tests.cluster.harness import Cluster
+from llm_devstack.controlplane import Cluster
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +24,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def local_node(cluster: Cluster) -> str:
     """A Node with 4 CPU-backed "GPUs" whose pods the local node agent runs as real processes.
 
-    It is tainted: pods land there only with `tests.cluster.node_agent.AGENT_PLACEMENT`.
+    It is tainted: pods land there only with `llm_devstack.node_agent.AGENT_PLACEMENT`.
     """
     cluster.start_node_agent("local-0", gpus=4)
     return "local-0"

@@ -15,17 +15,16 @@ from prometheus_client import start_http_server
 
 from llm_operator import logs
 from llm_operator.autoscale.decide import Tuning
-from llm_operator.autoscale.loop import (
-    AutoscalerSettings,
+from llm_operator.autoscale.loop import AutoscalerSettings, run_autoscaler
+from llm_operator.autoscale.sources import (
     GatewaySource,
     MetricsSource,
     PrometheusSource,
     gateway_pod_urls,
-    run_autoscaler,
     static_urls,
 )
+from llm_operator.contract import ADMIN_PORT
 from llm_operator.controller import RESYNC_SECONDS, Controller
-from llm_operator.gateway.admin import ADMIN_PORT
 from llm_operator.handlers import build_registry
 from llm_operator.kube import Credentials, Kube, add_cluster_flags
 from llm_operator.leader import LeaderElector
@@ -127,7 +126,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=tuning.scale_down_stabilization,
         help="seconds of recommendations a scale-down respects",
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=logs.LEVELS)
     return p.parse_args(argv)
 
 

@@ -10,13 +10,11 @@ import base64
 import binascii
 import hashlib
 import hmac
-from typing import Any
 
 from llm_operator.api.v1alpha1 import LLMEndpoint
+from llm_operator.contract import api_key_ref
+from llm_operator.objects import Manifest
 from llm_operator.policy import owned_key_secret
-from llm_operator.render import api_key_ref
-
-Manifest = dict[str, Any]
 
 SCHEME = "sha256"
 

@@ -9,16 +9,14 @@ import contextlib
 import logging
 import secrets
 from datetime import datetime
-from typing import Any
 
 from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint, LLMEndpointStatus
-from llm_operator.errors import ConflictError, NotFoundError
-from llm_operator.kube import Kube
-from llm_operator.render import OPTIONAL_CHILDREN, default_api_key_secret, labels, owner_reference
-from llm_operator.settings import AUTOSCALER_FIELD_MANAGER, FIELD_MANAGER
+from llm_operator.contract import AUTOSCALER_FIELD_MANAGER, FIELD_MANAGER, OPERATOR, default_api_key_secret
+from llm_operator.kube import ConflictError, Kube, NotFoundError
+from llm_operator.objects import Manifest, rfc3339
+from llm_operator.render import OPTIONAL_CHILDREN, labels, owner_reference
+from llm_operator.status import status_patch
 
-Manifest = dict[str, Any]
-COMPONENT = "llm-operator"
 log = logging.getLogger("llm_operator.apply")
 
 
@@ -85,7 +83,7 @@ async def ensure_api_key(kube: Kube, endpoint: LLMEndpoint) -> Manifest | None:
     return created
 
 
-async def set_replicas(kube: Kube, deployment: Manifest, replicas: int) -> Manifest:
+async def set_replicas(kube: Kube, deployment: Manifest, replicas: int) -> None:
     """Set a Deployment's replicas as the autoscaler's field manager (the operator's own apply omits them),
     on the Deployment itself (not its scale): the chart's admission policy checks the Deployment's labels."""
     meta = deployment["metadata"]
@@ -97,17 +95,6 @@ async def set_replicas(kube: Kube, deployment: Manifest, replicas: int) -> Manif
         {"spec": {"replicas": replicas}},
         field_manager=AUTOSCALER_FIELD_MANAGER,
     )
-    return {**deployment, "spec": {**deployment.get("spec", {}), "replicas": replicas}}
-
-
-def status_patch(status: LLMEndpointStatus) -> Manifest:
-    """The status as written by the operator: everything but lastRequestTime (the autoscaler's) and
-    wakeRequestedAt (the gateway's), which the merge patch leaves as they are; apiKeyHash always, null
-    when there is none, so a hash no longer wanted is removed."""
-    patch = status.model_dump(
-        by_alias=True, exclude_none=True, mode="json", exclude={"last_request_time", "wake_requested_at"}
-    )
-    return {**patch, "apiKeyHash": patch.get("apiKeyHash")}
 
 
 async def write_status(
@@ -137,7 +124,7 @@ async def post_event(
     instance: str,
 ) -> None:
     """A core/v1 Event on the endpoint, shown by `kubectl describe llme`."""
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = rfc3339(now)
     body = {
         "apiVersion": "v1",
         "kind": "Event",
@@ -152,8 +139,8 @@ async def post_event(
         "type": "Warning" if warning else "Normal",
         "reason": reason,
         "message": message[:1024],
-        "source": {"component": COMPONENT},
-        "reportingComponent": f"llm-endpoints.io/{COMPONENT}",
+        "source": {"component": OPERATOR},
+        "reportingComponent": f"llm-endpoints.io/{OPERATOR}",
         "reportingInstance": instance[:128],
         "firstTimestamp": stamp,
         "lastTimestamp": stamp,

@@ -14,14 +14,14 @@ from datetime import UTC, datetime
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from llm_operator.errors import ConflictError, OperatorError
-from llm_operator.kube import Kube
+from llm_operator.errors import OperatorError
+from llm_operator.kube import ConflictError, Kube
 from llm_operator.leader import LeaderElector
+from llm_operator.objects import Key
 from llm_operator.reconcile import reconcile
 from llm_operator.settings import Settings
 from llm_operator.workqueue import WorkQueue
 
-Key = tuple[str, str]  # (namespace, name)
 log = logging.getLogger("llm_operator.controller")
 
 RECONCILES = Counter("llm_operator_reconciles_total", "Reconcile passes by result", ["result"])

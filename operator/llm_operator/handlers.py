@@ -14,9 +14,9 @@ from typing import Any
 import kopf
 
 from llm_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
+from llm_operator.contract import AUTOSCALER_FIELD_MANAGER, ENDPOINT_LABEL, FIELD_MANAGER, MANAGED_BY
 from llm_operator.controller import Controller
 from llm_operator.kube import Credentials
-from llm_operator.settings import AUTOSCALER_FIELD_MANAGER, ENDPOINT_LABEL, FIELD_MANAGER, MANAGED_BY
 from llm_operator.status import wake_requested
 
 CHILDREN = (

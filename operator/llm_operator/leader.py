@@ -11,28 +11,21 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 
 from prometheus_client import Gauge
 
-from llm_operator.errors import ConflictError, NotFoundError, OperatorError
-from llm_operator.kube import Kube
+from llm_operator.errors import OperatorError
+from llm_operator.kube import ConflictError, Kube, NotFoundError
+from llm_operator.objects import Manifest, parse_rfc3339, rfc3339_micro
 
-Manifest = dict[str, Any]
 Action = Literal["create", "renew", "take", "wait"]
 log = logging.getLogger("llm_operator.leader")
 LEADING = Gauge("llm_operator_leader", "1 while this replica holds the lease")
 
 
-def micro_time(moment: datetime) -> str:
-    """metav1.MicroTime text."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def _parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return parse_rfc3339(text) if text else None
 
 
 def lease_action(lease: Manifest | None, identity: str, now: datetime) -> Action:
@@ -73,10 +66,12 @@ class LeaderElector:
     def _body(self, lease: Manifest | None, now: datetime, take: bool) -> Manifest:
         spec = dict((lease or {}).get("spec", {}))
         if take or lease is None:
-            spec["acquireTime"] = micro_time(now)
+            spec["acquireTime"] = rfc3339_micro(now)
             spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + (1 if lease else 0)
         spec.update(
-            holderIdentity=self.identity, leaseDurationSeconds=self.lease_seconds, renewTime=micro_time(now)
+            holderIdentity=self.identity,
+            leaseDurationSeconds=self.lease_seconds,
+            renewTime=rfc3339_micro(now),
         )
         meta: Manifest = {"name": self.name, "namespace": self.namespace}
         if lease is not None:

@@ -6,6 +6,8 @@ import json
 import logging
 from datetime import UTC, datetime
 
+LEVELS = ("debug", "info", "warning", "error")
+"""The `--log-level` choices of the operator and the gateway."""
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 _DROPPED = {"settings"}  # kopf attaches its whole settings object to some records
 

@@ -7,13 +7,11 @@ refusal's reason and message until its spec (or the cluster's Secret) changes.
 from __future__ import annotations
 
 import fnmatch
-from typing import Any
 
 from llm_operator.api.v1alpha1 import LLMEndpoint
+from llm_operator.objects import Manifest
 from llm_operator.settings import Settings
 from llm_operator.status import Finding
-
-Manifest = dict[str, Any]
 
 IMAGE_NOT_ALLOWED = "ImageNotAllowed"
 API_KEY_SECRET_NOT_OWNED = "APIKeySecretNotOwned"

@@ -1,5 +1,6 @@
-"""One level-triggered pass for one endpoint: read -> render -> apply -> status (written once, if changed).
+"""One level-triggered pass for one endpoint: read -> plan -> apply -> status (written once, if changed).
 
+What the pass writes is decided in `plan.py` from what it read; this module does the reads and the writes.
 Idempotent: applying unchanged objects is a no-op on the server, and an unchanged status is not written, so
 running it twice in a row changes nothing.
 """
@@ -11,20 +12,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-import pydantic
-
-from llm_operator import apply, metrics, policy
-from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint, LLMEndpointStatus
-from llm_operator.apikey import published_key
-from llm_operator.errors import InvalidEndpointError, NotFoundError
-from llm_operator.kube import Kube
-from llm_operator.render import render, replica_correction, selector
+from llm_operator import apply, metrics
+from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint, LLMEndpointStatus, parse_endpoint
+from llm_operator.kube import Kube, NotFoundError
+from llm_operator.objects import Manifest
+from llm_operator.plan import plan_apply, plan_update, reads_key_secret, reads_pods, unschedulable_pod
+from llm_operator.render import selector
 from llm_operator.settings import Settings
-from llm_operator.status import announcement, compute_status, wake_due
 
-Manifest = dict[str, Any]
 log = logging.getLogger("llm_operator.reconcile")
 
 
@@ -37,14 +33,6 @@ class Outcome:
     status_written: bool = False
     pruned: tuple[str, ...] = ()
     scaled_to: int | None = None
-
-
-def parse(body: Manifest) -> LLMEndpoint:
-    """A stored object -> the model, or InvalidEndpointError naming what is wrong."""
-    try:
-        return LLMEndpoint.model_validate(body)
-    except pydantic.ValidationError as error:
-        raise InvalidEndpointError(f"stored LLMEndpoint does not parse: {error}") from error
 
 
 async def reconcile(
@@ -69,59 +57,37 @@ async def reconcile(
     if body["metadata"].get("deletionTimestamp"):
         metrics.forget(namespace, name)
         return Outcome(status=None)  # owner references let the garbage collector delete the children
-    endpoint = parse(body)
-    spec_changed = endpoint.status.observed_generation != endpoint.metadata.generation
+    endpoint = parse_endpoint(body)
 
-    # a refused endpoint (policy.py) gets nothing applied; what an earlier spec made stays as it is
-    refused = policy.image_refusal(endpoint, settings)
-    key_secret = None if refused else await apply.ensure_api_key(kube, endpoint)
-    if key_secret is not None:
-        refused = policy.key_secret_refusal(key_secret, endpoint)
-    elif (named := endpoint.spec.api_key_secret_ref) is not None and not refused:
-        key_secret = await _named_key_secret(kube, endpoint, named.name)
-    key_hash = published_key(endpoint, key_secret)  # read on every pass: a rotated key reaches the gateway
-    waking = wake_due(endpoint.status)
-
+    key_secret = await _key_secret(kube, endpoint) if reads_key_secret(endpoint, settings) else None
+    children_plan = plan_apply(endpoint, settings, key_secret, children=children)
     deployment = None
-    if refused or (not children and not spec_changed):
+    if children_plan.read_first:
         with contextlib.suppress(NotFoundError):
             deployment = await kube.get("apps/v1", "Deployment", namespace, name)
     pruned: list[str] = []
-    if deployment is None and not refused:
-        # the pod template follows the key read this pass, so a rotated key rolls the pods
-        current_key = endpoint.model_copy(
-            update={"status": endpoint.status.model_copy(update={"api_key_hash": key_hash})}
-        )
-        rendered = render(current_key, settings)
+    if deployment is None and children_plan.rendered:
+        rendered = list(children_plan.rendered)
         deployment = (await apply.apply_children(kube, rendered))["Deployment"]
-        if spec_changed and endpoint.metadata.generation > 1:  # a first spec has nothing to prune
+        if children_plan.prune:
             pruned = await apply.prune(kube, endpoint, rendered)
 
-    scaled_to = None
-    pods = []
-    if deployment is not None:
-        current = deployment.get("spec", {}).get("replicas")
-        scaled_to = replica_correction(current, endpoint)
-        if waking and scaled_to is None and current == 0 and not (refused or endpoint.spec.paused):
-            scaled_to = 1  # a gateway holds a request: one replica at once, then the autoscaler decides
-        if scaled_to is not None:
-            deployment = await apply.set_replicas(kube, deployment, scaled_to)
-        # a Deployment the controller has not yet seen (no status) has no pods: skip the read
-        if deployment.get("status"):
-            pods = await kube.list("v1", "Pod", namespace, labels=selector(endpoint))
-    events = await _scheduling_events(kube, namespace, pods)
-    url = settings.url(namespace, name)
-    status = compute_status(endpoint, deployment, pods, events, now(), url, refused)
-    acknowledged = endpoint.status.wake_requested_at if waking else endpoint.status.wake_acknowledged
-    status = status.model_copy(update={"api_key_hash": key_hash, "wake_acknowledged": acknowledged})
-    metrics.record(endpoint, status)
+    pods = (
+        await kube.list("v1", "Pod", namespace, labels=selector(endpoint)) if reads_pods(deployment) else []
+    )
+    events: list[Manifest] = []
+    if (unschedulable := unschedulable_pod(pods)) is not None:
+        fields = {"involvedObject.name": unschedulable, "reason": "FailedScheduling"}
+        events = await kube.list("v1", "Event", namespace, fields=fields)
+    update = plan_update(endpoint, children_plan, deployment, pods, events, now(), settings)
 
-    written = False
-    if apply.status_patch(status) != apply.status_patch(endpoint.status):
-        await apply.write_status(kube, endpoint, body["metadata"]["resourceVersion"], status)
-        written = True
-    if news := announcement(endpoint.status, status):
-        log.info(news.message, extra={**_ref(endpoint), "phase": status.phase, "reason": news.reason})
+    if deployment is not None and update.scale_to is not None:
+        await apply.set_replicas(kube, deployment, update.scale_to)
+    metrics.record(endpoint, update.status)
+    if update.write_status:
+        await apply.write_status(kube, endpoint, body["metadata"]["resourceVersion"], update.status)
+    if (news := update.announcement) is not None:
+        log.info(news.message, extra={**_ref(endpoint), "phase": update.status.phase, "reason": news.reason})
         await apply.post_event(
             kube,
             endpoint,
@@ -131,7 +97,16 @@ async def reconcile(
             now=now(),
             instance=instance,
         )
-    return Outcome(status, written, tuple(pruned), scaled_to)
+    return Outcome(update.status, update.write_status, tuple(pruned), update.scale_to)
+
+
+async def _key_secret(kube: Kube, endpoint: LLMEndpoint) -> Manifest | None:
+    """The default key Secret (created when missing), or the one spec.apiKeySecretRef names."""
+    if (default := await apply.ensure_api_key(kube, endpoint)) is not None:
+        return default
+    if (named := endpoint.spec.api_key_secret_ref) is not None:
+        return await _named_key_secret(kube, endpoint, named.name)
+    return None
 
 
 async def _named_key_secret(kube: Kube, endpoint: LLMEndpoint, name: str) -> Manifest | None:
@@ -141,20 +116,6 @@ async def _named_key_secret(kube: Kube, endpoint: LLMEndpoint, name: str) -> Man
     except NotFoundError:
         log.warning("API key Secret %s not found: every request is refused", name, extra=_ref(endpoint))
         return None
-
-
-async def _scheduling_events(kube: Kube, namespace: str, pods: list[Manifest]) -> list[Manifest]:
-    """FailedScheduling events of the pods the scheduler could not place (read only when there are some)."""
-    events: list[Manifest] = []
-    for pod in pods:
-        scheduled: Manifest = next(
-            (c for c in pod.get("status", {}).get("conditions") or () if c.get("type") == "PodScheduled"), {}
-        )
-        if scheduled.get("reason") == "Unschedulable":
-            fields = {"involvedObject.name": pod["metadata"]["name"], "reason": "FailedScheduling"}
-            events += await kube.list("v1", "Event", namespace, fields=fields)
-            break  # one pod's events say it for all: they share a template
-    return events
 
 
 def _ref(endpoint: LLMEndpoint) -> dict[str, str]:

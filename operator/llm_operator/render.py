@@ -9,25 +9,24 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from llm_operator.api.accelerators import ACCELERATORS, GPU_PRODUCT_LABEL, GPU_RESOURCE
 from llm_operator.api.common import SecretKeyRef
 from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint
-from llm_operator.settings import (
+from llm_operator.contract import (
     ACCESS_ANNOTATION,
     API_KEY_ENV,
     API_KEY_KEY_ANNOTATION,
     API_KEY_REF_ANNOTATION,
     API_KEY_SECRET_ANNOTATION,
     ENDPOINT_LABEL,
-    GPU_PRODUCT_LABEL,
-    GPU_PRODUCTS,
-    GPU_RESOURCE,
     GRACEFUL_SHUTDOWN_ENV,
     MANAGED_BY,
+    PART_OF,
     URL_ANNOTATION,
-    Settings,
+    api_key_ref,
 )
-
-Manifest = dict[str, Any]
+from llm_operator.objects import Manifest
+from llm_operator.settings import Settings
 
 CONTAINER = "server"
 CACHE_MOUNT = "/cache"
@@ -44,18 +43,6 @@ OPTIONAL_CHILDREN = {
 }
 
 
-def api_key_ref(endpoint: LLMEndpoint) -> SecretKeyRef | None:
-    """The Secret holding a protected endpoint's bearer token (the operator creates the default one)."""
-    if endpoint.spec.access != "protected":
-        return None
-    return endpoint.spec.api_key_secret_ref or SecretKeyRef(name=default_api_key_secret(endpoint))
-
-
-def default_api_key_secret(endpoint: LLMEndpoint) -> str:
-    """Name of the Secret the operator creates when a protected endpoint names none."""
-    return f"{endpoint.metadata.name}-api-key"
-
-
 def selector(endpoint: LLMEndpoint) -> dict[str, str]:
     """The label selector of the endpoint's pods."""
     return {ENDPOINT_LABEL: endpoint.metadata.name}
@@ -66,7 +53,7 @@ def labels(endpoint: LLMEndpoint) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "llm-serving",
         "app.kubernetes.io/instance": endpoint.metadata.name,
-        "app.kubernetes.io/part-of": "llm-endpoints",
+        **PART_OF,
         **MANAGED_BY,
         **selector(endpoint),
     }
@@ -214,7 +201,7 @@ def _scheduling(endpoint: LLMEndpoint) -> dict[str, Any]:
         term = {
             "key": GPU_PRODUCT_LABEL,
             "operator": "In",
-            "values": list(GPU_PRODUCTS[spec.accelerator.type]),
+            "values": list(ACCELERATORS[spec.accelerator.type]),
         }
         required = {"nodeSelectorTerms": [{"matchExpressions": [term]}]}
         out["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}}
@@ -280,7 +267,9 @@ def deployment(endpoint: LLMEndpoint, settings: Settings) -> Manifest:
 
 
 def service(endpoint: LLMEndpoint, settings: Settings) -> Manifest:
-    """The in-cluster Service of the serving pods; its annotations tell the gateway how to route."""
+    """The in-cluster Service of the serving pods: the gateway routes by its EndpointSlices (they carry its
+    endpoint label). Its annotations (access, the published URL, the key Secret) are for people reading it;
+    no component reads them."""
     body = _object(
         endpoint,
         "v1",

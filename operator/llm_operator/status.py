@@ -15,10 +15,9 @@ from typing import Any, Literal
 
 import pydantic
 
+from llm_operator.api.accelerators import GPU_RESOURCE
 from llm_operator.api.v1alpha1 import Condition, ConditionType, LLMEndpoint, LLMEndpointStatus, Phase
-from llm_operator.settings import GPU_RESOURCE
-
-Manifest = dict[str, Any]
+from llm_operator.objects import Manifest, condition_true, conditions
 
 # container waiting reasons that need a person, most telling first
 BROKEN_WAITING = (
@@ -58,10 +57,6 @@ class Observation:
     """Why the operator renders nothing for the endpoint (see policy.py), if it does not."""
 
 
-def _conditions(obj: Manifest) -> dict[str, Manifest]:
-    return {c.get("type", ""): c for c in obj.get("status", {}).get("conditions") or ()}
-
-
 def _event_time(event: Manifest) -> str:
     for key in ("lastTimestamp", "eventTime", "firstTimestamp"):
         if event.get(key):
@@ -80,7 +75,7 @@ def scheduler_message(pod: Manifest, events: list[Manifest]) -> str:
     ]
     if mine:
         return str(max(mine, key=_event_time).get("message", "")).strip()
-    return str(_conditions(pod).get("PodScheduled", {}).get("message", "")).strip()
+    return str(conditions(pod).get("PodScheduled", {}).get("message", "")).strip()
 
 
 def _waiting(pod: Manifest) -> tuple[str, str] | None:
@@ -102,10 +97,6 @@ def _waiting(pod: Manifest) -> tuple[str, str] | None:
         return None
     _, reason, message = min(found)
     return reason, message
-
-
-def _pod_ready(pod: Manifest) -> bool:
-    return _conditions(pod).get("Ready", {}).get("status") == "True"
 
 
 def observe(
@@ -130,11 +121,11 @@ def observe(
     ]
 
     broken = unschedulable = loading = starting = None
-    conditions = _conditions(deployment)
-    failure = conditions.get("ReplicaFailure", {})
+    found = conditions(deployment)
+    failure = found.get("ReplicaFailure", {})
     if failure.get("status") == "True":
         broken = Finding(failure.get("reason") or "ReplicaFailure", str(failure.get("message", "")))
-    progressing = conditions.get("Progressing", {})
+    progressing = found.get("Progressing", {})
     if progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded":
         broken = broken or Finding("ProgressDeadlineExceeded", str(progressing.get("message", "")))
 
@@ -144,7 +135,7 @@ def observe(
         count = sum(1 for _, w in waiting_pods if w[0] == reason)
         broken = Finding(reason, f"{count} pod(s) in {reason}: {message}".rstrip(": "))
 
-    pending = [p for p in live if _conditions(p).get("PodScheduled", {}).get("reason") == "Unschedulable"]
+    pending = [p for p in live if conditions(p).get("PodScheduled", {}).get("reason") == "Unschedulable"]
     if pending:
         gpus = endpoint.spec.gpus
         what = f"{gpus} {GPU_RESOURCE}" if gpus else "a node"
@@ -155,7 +146,7 @@ def observe(
         reason = "WaitingForGPU" if short_of_gpus else "Unschedulable"
         unschedulable = Finding(reason, f"{len(pending)} pod(s) need {what}: {said}")
 
-    not_ready = [p for p in live if not _pod_ready(p) and p not in pending]
+    not_ready = [p for p in live if not condition_true(p, "Ready") and p not in pending]
     running = [p for p in not_ready if p.get("status", {}).get("phase") == "Running"]
     if running:
         loading = Finding("ModelLoading", f"{len(running)} replica(s) loading {_model_name(endpoint)}")
@@ -173,7 +164,7 @@ def _model_name(endpoint: LLMEndpoint) -> str:
     return model.repository or model.path or f"package {model.package}"
 
 
-def decide(seen: Observation) -> tuple[Phase, dict[ConditionType, tuple[bool, str, str]]]:
+def assess(seen: Observation) -> tuple[Phase, dict[ConditionType, tuple[bool, str, str]]]:
     """Phase and each condition's (status, reason, message) from the observed facts."""
     ratio = f"{seen.ready}/{seen.desired} replicas ready"
     blocker = seen.unschedulable or seen.loading or seen.starting
@@ -241,14 +232,14 @@ def compute_status(
 
     `refused`: why the operator renders nothing for the endpoint; it makes the endpoint Failed."""
     seen = replace(observe(endpoint, deployment, pods, events), refused=refused)
-    phase, verdicts = decide(seen)
+    phase, verdicts = assess(seen)
     generation = endpoint.metadata.generation
-    conditions = []
+    written = []
     for kind, (flag, reason, message) in verdicts.items():
         status: Literal["True", "False"] = "True" if flag else "False"
         previous = endpoint.status.condition(kind)
         since = previous.last_transition_time if previous and previous.status == status else now
-        conditions.append(
+        written.append(
             Condition(
                 type=kind,
                 status=status,
@@ -269,8 +260,18 @@ def compute_status(
         api_key_hash=endpoint.status.api_key_hash,
         wake_requested_at=endpoint.status.wake_requested_at,
         wake_acknowledged=endpoint.status.wake_acknowledged,
-        conditions=conditions,
+        conditions=written,
     )
+
+
+def status_patch(status: LLMEndpointStatus) -> Manifest:
+    """The status as written by the operator: everything but lastRequestTime (the autoscaler's) and
+    wakeRequestedAt (the gateway's), which the merge patch leaves as they are; apiKeyHash always, null
+    when there is none, so a hash no longer wanted is removed."""
+    patch = status.model_dump(
+        by_alias=True, exclude_none=True, mode="json", exclude={"last_request_time", "wake_requested_at"}
+    )
+    return {**patch, "apiKeyHash": patch.get("apiKeyHash")}
 
 
 def wake_due(status: LLMEndpointStatus) -> bool:

@@ -11,7 +11,8 @@ class Limits:
 
     max_input_tokens: int = 1024
     max_total_tokens: int = 2048
-    max_batch_total_tokens: int = 32768
+    max_batch_total_tokens: int | None = None
+    """KV cache capacity in tokens; None: computed from free memory once the model is loaded."""
     max_batch_prefill_tokens: int = 4096
     max_batch_size: int = 64
     max_concurrent_requests: int = 128
@@ -27,7 +28,37 @@ class Limits:
     def __post_init__(self) -> None:
         if not 0 < self.max_input_tokens < self.max_total_tokens:
             raise ValueError("max_input_tokens must be positive and smaller than max_total_tokens")
-        if self.max_total_tokens > self.max_batch_total_tokens:
-            raise ValueError("max_total_tokens must be <= max_batch_total_tokens")
+        if self.max_batch_total_tokens is not None:
+            check_capacity(self, self.max_batch_total_tokens)
+        if self.max_batch_prefill_tokens <= 0 or self.max_batch_size <= 0:
+            raise ValueError("max_batch_prefill_tokens and max_batch_size must be positive")
         if self.max_body_bytes <= 0 or self.validation_workers <= 0:
             raise ValueError("max_body_bytes and validation_workers must be positive")
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """How the paged KV cache is laid out and used (TGI's and vLLM's flags)."""
+
+    block_size: int | None = None
+    """Tokens per KV block; None: the device's default."""
+    prefix_caching: bool = True
+    chunked_prefill: bool = True
+    memory_fraction: float = 0.9
+    """Share of the free device memory the KV cache may take when its size is computed."""
+
+    def __post_init__(self) -> None:
+        if self.block_size is not None and self.block_size <= 0:
+            raise ValueError("block_size must be positive")
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
+
+
+def check_capacity(limits: Limits, capacity: int) -> None:
+    """Every valid request must fit the KV cache on its own; raises ValueError otherwise."""
+    if limits.max_total_tokens > capacity:
+        raise ValueError(
+            f"max_total_tokens ({limits.max_total_tokens}) must be <= max_batch_total_tokens ({capacity}): "
+            "the KV cache cannot hold one request of maximal length; give more memory "
+            "(--kv-cache-memory-fraction, --max-batch-total-tokens) or lower --max-total-tokens"
+        )

@@ -62,7 +62,7 @@ class GenerationError(ServingError):
 
 
 class IncompleteGenerationError(ServingError):
-    """Generation ended without a final token (e.g. the engine stopped)."""
+    """Generation ended without a final token: the drain period after SIGTERM ran out before it finished."""
 
     status = 500
     error_type = "incomplete_generation"
@@ -90,6 +90,13 @@ class UnhealthyError(ServingError):
 
     status = 503
     error_type = "healthcheck"
+
+
+class HealthCheckError(UnhealthyError):
+    """`/health` while the model loads, the server drains or the engine has failed (TGI's body)."""
+
+    def __init__(self, message: str = "unhealthy") -> None:
+        super().__init__(message)
 
 
 class DrainingError(UnhealthyError):

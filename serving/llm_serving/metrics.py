@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from llm_serving.engine.engine import StepStats
+from llm_serving.outputs import StepStats
 
 DURATION_BUCKETS = tuple(0.00015 * 1.5**i for i in range(35))
 LENGTH_BUCKETS = tuple(float(2**i) for i in range(15))
@@ -63,9 +63,11 @@ class Metrics:
         self.queue_size = Gauge("tgi_queue_size", "Requests waiting", registry=r)
         self.batch_size = Gauge("tgi_batch_current_size", "Requests in the running batch", registry=r)
         self.batch_tokens = Gauge(
-            "tgi_batch_current_max_tokens", "Tokens held by the running batch", registry=r
+            "tgi_batch_current_max_tokens", "KV cache tokens held by the running batch's blocks", registry=r
         )
-        self.batch_max_tokens = Gauge("tgi_batch_max_total_tokens", "Token budget of the batch", registry=r)
+        self.batch_max_tokens = Gauge(
+            "tgi_batch_max_total_tokens", "KV cache capacity in tokens (blocks x block size)", registry=r
+        )
         self.in_flight = Gauge(
             "llm_serving_requests_in_flight", "Requests admitted and not finished", registry=r
         )
@@ -93,7 +95,22 @@ class Metrics:
         self.v_running = Gauge("vllm:num_requests_running", "Requests running", labels, registry=r)
         self.v_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting", labels, registry=r)
         self.v_kv_usage = Gauge(
-            "vllm:kv_cache_usage_perc", "Share of the token budget in use", labels, registry=r
+            "vllm:kv_cache_usage_perc", "Share of the KV cache blocks in use (0..1)", labels, registry=r
+        )
+        self.v_cache_config = Gauge(
+            "vllm:cache_config_info",
+            "KV cache layout (value 1)",
+            ["block_size", "num_gpu_blocks"],
+            registry=r,
+        )
+        self.v_prefix_queries = Counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels, registry=r
+        )
+        self.v_prefix_hits = Counter(
+            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", labels, registry=r
+        )
+        self.v_preemptions = Counter(
+            "vllm:num_preemptions", "Requests preempted (blocks freed, recomputed later)", labels, registry=r
         )
 
         self.v_prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens", labels, registry=r)
@@ -118,20 +135,30 @@ class Metrics:
         self.ttft = hist("tgi_request_time_to_first_token_duration", "Time to first token (s)")
         self.itl = hist("tgi_request_inter_token_duration", "Inter-token latency (s)")
 
-    def set_budget(self, max_batch_total_tokens: int) -> None:
-        self.batch_max_tokens.set(max_batch_total_tokens)
+    def set_cache_config(self, block_size: int, num_blocks: int) -> None:
+        """The KV cache's layout, once it is sized."""
+        self.batch_max_tokens.set(block_size * num_blocks)
+        self.v_cache_config.labels(str(block_size), str(num_blocks)).set(1)
 
-    def on_step(self, stats: StepStats, max_batch_total_tokens: int) -> None:
-        """Record one engine step (called from the engine thread)."""
+    def on_step(self, stats: StepStats) -> None:
+        """Record one engine step (called from the engine thread); a step that ran no rows only updates
+        the gauges."""
         self.queue_size.set(stats.queue_size)
         self.batch_size.set(stats.batch_size)
-        self.batch_tokens.set(stats.batch_tokens)
-        self.batch_next_size.observe(stats.batch_size)
+        self.batch_tokens.set(stats.kv_tokens)
         self.v_running.labels(self._model).set(stats.batch_size)
         self.v_waiting.labels(self._model).set(stats.queue_size)
-        self.v_kv_usage.labels(self._model).set(min(1.0, stats.batch_tokens / max_batch_total_tokens))
+        self.v_kv_usage.labels(self._model).set(stats.kv_usage)
+        self.v_prefix_queries.labels(self._model).inc(stats.prefix_queries)
+        self.v_prefix_hits.labels(self._model).inc(stats.prefix_hits)
+        self.v_preemptions.labels(self._model).inc(stats.preemptions)
+        if not stats.rows:
+            return
+        self.batch_next_size.observe(stats.batch_size)
         method = "prefill" if stats.prefill_rows else "decode"
         self.counters.inc("tgi_batch_inference_count", method=method)
+        if stats.failed:
+            return
         self.counters.inc("tgi_batch_inference_success", method=method)
         self.forward_duration.labels(method).observe(stats.duration)
 
@@ -188,7 +215,7 @@ class Metrics:
         self.v_prompt_hist.labels(self._model).observe(input_tokens)
         self.v_gen_hist.labels(self._model).observe(generated)
 
-    def render(self) -> bytes:
+    def exposition(self) -> bytes:
         """Text exposition; TGI's raw counters keep their own names in HELP/TYPE lines too."""
         text = generate_latest(self.registry)
         for name in self.counters.names:

@@ -8,55 +8,22 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llm_serving.config import Limits
-from llm_serving.engine.async_engine import AsyncEngine
-from llm_serving.engine.engine import TokenEvent
-from llm_serving.engine.request import FinishReason
 from llm_serving.errors import NoFastTokenizerError, ServingError, UnhealthyError, ValidationError
 from llm_serving.metrics import Metrics
+from llm_serving.outputs import Generation, GenerationResult, StreamItem
 from llm_serving.protocol.tgi import GenerateParameters, SimpleToken
-from llm_serving.sampling.params import StoppingParams
+from llm_serving.sampling.params import FrequencyRule, StoppingParams
 from llm_serving.tokens import simple_tokens
 from llm_serving.validation import ValidRequest, check_input_length, validate_input, validate_parameters
 
+if TYPE_CHECKING:  # the engine loads torch; the routes that import this module do not need it
+    from llm_serving.engine.async_engine import AsyncEngine
+
 T = TypeVar("T")
-
-
-@dataclass
-class Generation:
-    """One finished sequence."""
-
-    tokens: list[TokenEvent] = field(default_factory=list)
-    text: str = ""
-    finish_reason: FinishReason = FinishReason.LENGTH
-    seed: int | None = None
-    prompt_logprobs: list[float] | None = None
-    queue_time: float = 0.0
-
-    @property
-    def logprob(self) -> float:
-        return sum(t.token.logprob for t in self.tokens)
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """The best sequence, the other `best_of` candidates, and timings."""
-
-    request: ValidRequest
-    best: Generation
-    others: tuple[Generation, ...]
-    total_time: float
-
-
-@dataclass(frozen=True)
-class StreamItem:
-    """A streamed token; `final` is set on the last one."""
-
-    event: TokenEvent
-    final: Generation | None
 
 
 class GenerationService:
@@ -86,11 +53,17 @@ class GenerationService:
         return simple_tokens(text, ids, encoding["offset_mapping"])
 
     def validate(
-        self, inputs: str, params: GenerateParameters, *, stream: bool, add_special_tokens: bool = True
+        self,
+        inputs: str,
+        params: GenerateParameters,
+        *,
+        stream: bool,
+        add_special_tokens: bool = True,
+        frequency_rule: FrequencyRule = FrequencyRule.TGI,
     ) -> ValidRequest:
         """Apply TGI's rules; raises `ValidationError` (counted as a failed request, as TGI does)."""
         try:
-            valid = validate_parameters(params, self.limits, stream=stream)
+            valid = validate_parameters(params, self.limits, stream=stream, frequency_rule=frequency_rule)
             if not inputs:
                 raise ValidationError("`inputs` cannot be empty")
             ids = self.tokenize(inputs, add_special_tokens=add_special_tokens)

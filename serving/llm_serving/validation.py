@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 import random
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llm_serving.config import Limits
 from llm_serving.errors import ValidationError
 from llm_serving.protocol.tgi import GenerateParameters
-from llm_serving.sampling.params import SamplingParams
+from llm_serving.sampling.params import FrequencyRule, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -67,14 +67,25 @@ def _check_open_unit(name: str, value: float | None) -> float:
 
 
 def validate_parameters(
-    p: GenerateParameters, limits: Limits, *, stream: bool, rng: random.Random | None = None
+    p: GenerateParameters,
+    limits: Limits,
+    *,
+    stream: bool,
+    frequency_rule: FrequencyRule = FrequencyRule.TGI,
+    rng: random.Random | None = None,
 ) -> ValidParameters:
-    """Apply every rule of TGI's `validate()` that does not need the tokenized input."""
-    sampling = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
+    """Apply every rule of TGI's `validate()` that does not need the tokenized input.
+
+    `frequency_rule` is the API's meaning of `frequency_penalty` (TGI routes: TGI's; OpenAI routes: OpenAI's).
+    As in TGI, the router's `best_of` rule counts any warper that is given, while the request samples when
+    `do_sample` is set or a warper differs from its neutral value (TGI's `NextTokenChooser`): an explicit
+    `temperature: 1.0` alone is greedy.
+    """
+    warper_given = any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
     best_of = 1 if p.best_of is None else p.best_of
     if best_of != 1 and stream:
         raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
-    if best_of > 1 and not sampling:
+    if best_of > 1 and not (p.do_sample or warper_given):
         raise ValidationError("you must use sampling when `best_of` is > 1")
     if not 0 < best_of <= limits.max_best_of:
         raise ValidationError(f"`best_of` must be > 0 and <= {limits.max_best_of}. Given: {best_of}")
@@ -109,21 +120,22 @@ def validate_parameters(
         )
     if p.grammar is not None:
         raise ValidationError("grammar is not supported")
-    seed = p.seed
-    if seed is None and sampling and best_of == 1:
-        seed = (rng or random.Random()).getrandbits(63)
     params = SamplingParams(
-        do_sample=sampling,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         typical_p=typical_p,
         repetition_penalty=repetition_penalty,
         frequency_penalty=frequency_penalty,
+        frequency_rule=frequency_rule,
         watermark=p.watermark,
-        seed=seed,
         top_n_tokens=top_n,
     )
+    sampling = p.do_sample or params.warps
+    seed = p.seed
+    if seed is None and sampling and best_of == 1:
+        seed = (rng or random.Random()).getrandbits(63)
+    params = replace(params, do_sample=sampling, seed=seed)
     return ValidParameters(
         sampling=params,
         max_new_tokens=p.max_new_tokens,

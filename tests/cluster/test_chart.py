@@ -14,6 +14,12 @@ import psutil
 import pytest
 import yaml
 
+from llm_devstack.controlplane import Cluster, pod_processes
+from llm_devstack.node_agent import AGENT_PLACEMENT
+from llm_devstack.node_agent.network import POD_RANGE
+from llm_devstack.paths import EXAMPLES, ROOT
+from llm_devstack.resources import install_crd, new_namespace
+from llm_devstack.waits import wait_for
 from llm_operator.__main__ import parse_args as operator_parse_args
 from llm_operator.__main__ import settings_from as operator_settings
 from llm_operator.api.v1alpha1 import LLMEndpoint
@@ -21,10 +27,7 @@ from llm_operator.gateway.__main__ import parse_args, settings_from
 from llm_operator.gateway.auth import from_inside
 from llm_operator.render import render as render_children
 from llm_operator.settings import Settings
-from tests.cluster.harness import ROOT, Cluster, pod_processes
-from tests.cluster.node_agent import AGENT_PLACEMENT
-from tests.cluster.operator_support import EXAMPLES, get, install_crd, new_namespace, wait_for
-from tests.cluster.pod_network import POD_RANGE
+from tests.cluster.operator_support import get
 
 pytestmark = pytest.mark.cluster
 CHART = ROOT / "charts" / "llm-endpoints"

@@ -11,8 +11,8 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from tests.cluster.harness import Cluster
-from tests.cluster.operator_support import wait_for
+from llm_devstack.controlplane import Cluster
+from llm_devstack.waits import wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -8,8 +8,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster.harness import Cluster
-from tests.cluster.operator_support import EXAMPLES, endpoint, install_crd, kubectl_apply, new_namespace
+from llm_devstack.controlplane import Cluster
+from llm_devstack.paths import EXAMPLES
+from llm_devstack.resources import endpoint, install_crd, new_namespace
+from tests.cluster.operator_support import kubectl_apply
 
 pytestmark = pytest.mark.cluster
 

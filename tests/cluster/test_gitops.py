@@ -17,17 +17,13 @@ from typing import Any
 import lupa.lua51 as lua
 import pytest
 
-from tests.cluster.harness import ROOT, Cluster
-from tests.cluster.node_agent import AGENT_PLACEMENT
-from tests.cluster.operator_support import (
-    OperatorProcess,
-    endpoint,
-    get,
-    install_crd,
-    kubectl_apply,
-    new_namespace,
-    wait_for,
-)
+from llm_devstack.controlplane import Cluster
+from llm_devstack.node_agent import AGENT_PLACEMENT
+from llm_devstack.paths import ROOT
+from llm_devstack.processes import OperatorProcess
+from llm_devstack.resources import endpoint, install_crd, new_namespace
+from llm_devstack.waits import wait_for
+from tests.cluster.operator_support import get, kubectl_apply
 
 pytestmark = pytest.mark.cluster
 HEALTH_CHECK = ROOT / "docs" / "gitops" / "llmendpoint-health.lua"

@@ -13,14 +13,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.cluster.harness import COMPONENTS, ROOT, Cluster, ComponentError, MissingBinaryError
+from llm_devstack.controlplane import COMPONENTS, Cluster, ComponentError, MissingBinaryError
+from llm_devstack.paths import ROOT
 
 pytestmark = pytest.mark.cluster
 
 CHILD = """
 import json, os, signal, sys
 from pathlib import Path
-from tests.cluster.harness import Cluster
+from llm_devstack.controlplane import Cluster
 
 mode, workdir = sys.argv[1], Path(sys.argv[2])
 with Cluster(workdir) as cluster:

@@ -13,9 +13,9 @@ import psutil
 import pytest
 from kubernetes import client as k8s
 
-from tests.cluster.harness import Cluster
-from tests.cluster.node_agent import AGENT_PLACEMENT
-from tests.cluster.operator_support import wait_for
+from llm_devstack.controlplane import Cluster
+from llm_devstack.node_agent import AGENT_PLACEMENT
+from llm_devstack.waits import wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -15,9 +15,9 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 import llm_operator.controller
 import llm_operator.metrics
+from llm_devstack.controlplane import Cluster
 from llm_operator.gateway.metrics import GatewayMetrics
 from llm_serving.metrics import Metrics as ServingMetrics
-from tests.cluster.harness import Cluster
 from tests.cluster.test_chart import CHART, render
 
 pytestmark = pytest.mark.cluster

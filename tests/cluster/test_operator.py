@@ -15,21 +15,14 @@ from typing import Any
 
 import pytest
 
+from llm_devstack.controlplane import Cluster
+from llm_devstack.processes import OperatorProcess, operators
+from llm_devstack.resources import endpoint, install_crd, new_namespace
+from llm_devstack.waits import wait_for
 from llm_operator.kube import Credentials, Kube
 from llm_operator.reconcile import Outcome, reconcile
 from llm_operator.settings import Settings
-from tests.cluster.harness import Cluster
-from tests.cluster.operator_support import (
-    OperatorProcess,
-    condition,
-    endpoint,
-    get,
-    install_crd,
-    kubectl_apply,
-    new_namespace,
-    operators,
-    wait_for,
-)
+from tests.cluster.operator_support import condition, get, kubectl_apply
 
 pytestmark = pytest.mark.cluster
 

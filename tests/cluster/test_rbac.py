@@ -44,25 +44,18 @@ from typing import Any
 import pytest
 import yaml
 
+from llm_devstack.controlplane import Cluster
+from llm_devstack.node_agent import AGENT_PLACEMENT
+from llm_devstack.paths import ROOT
+from llm_devstack.processes import GatewayProcess, OperatorProcess
+from llm_devstack.resources import endpoint, install_crd, new_namespace
+from llm_devstack.waits import wait_for
 from llm_operator.api.v1alpha1 import API_VERSION, KIND
 from llm_operator.apikey import matches
-from llm_operator.errors import ForbiddenError
+from llm_operator.contract import SERVING_PORT
 from llm_operator.gateway.watch import StatusWaker
-from llm_operator.kube import Credentials, Kube, resource_path
-from tests.cluster.harness import ROOT, Cluster
-from tests.cluster.node_agent import AGENT_PLACEMENT
-from tests.cluster.operator_support import (
-    GatewayProcess,
-    OperatorProcess,
-    condition,
-    endpoint,
-    get,
-    install_crd,
-    kubectl_apply,
-    new_namespace,
-    stand_in_deployment,
-    wait_for,
-)
+from llm_operator.kube import Credentials, ForbiddenError, Kube, resource_path
+from tests.cluster.operator_support import condition, get, kubectl_apply, stand_in_deployment
 
 pytestmark = pytest.mark.cluster
 CHART = ROOT / "charts" / "llm-endpoints"
@@ -233,9 +226,9 @@ def write_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path)
 
 
 STAND_IN = {
-    "command": [sys.executable, "-m", "http.server", "8080"],
+    "command": [sys.executable, "-m", "http.server", str(SERVING_PORT)],
     "args": [],
-    "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1},
+    "readinessProbe": {"httpGet": {"path": "/", "port": SERVING_PORT}, "periodSeconds": 1},
 }
 
 

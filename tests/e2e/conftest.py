@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.harness import Cluster
-from tests.cluster.node_agent import AGENT_PLACEMENT
-from tests.cluster.operator_support import GatewayProcess, OperatorProcess, install_crd, new_namespace
-from tests.cluster.pod_network import POD_RANGE
+from llm_devstack.controlplane import Cluster
+from llm_devstack.node_agent import AGENT_PLACEMENT
+from llm_devstack.node_agent.network import POD_RANGE
+from llm_devstack.processes import GatewayProcess, OperatorProcess
+from llm_devstack.resources import install_crd, new_namespace
 
 # Short timings so that idling, scaling and waking fit in a test; the decisions are the production ones.
 AUTOSCALER_FLAGS = (

@@ -44,11 +44,12 @@ import pytest
 from kubernetes import client as k8s
 from prometheus_client.parser import text_string_to_metric_families
 
-from llm_operator.gateway.metrics import IN_FLIGHT
-from llm_operator.settings import ENDPOINT_LABEL
-from tests.cluster.harness import pod_processes
-from tests.cluster.operator_support import GatewayProcess, get, kubectl_apply, wait_for
-from tests.cluster.pod_network import POD_RANGE
+from llm_devstack.controlplane import pod_processes
+from llm_devstack.node_agent.network import POD_RANGE
+from llm_devstack.processes import GatewayProcess
+from llm_devstack.waits import wait_for
+from llm_operator.contract import ENDPOINT_LABEL, IN_FLIGHT
+from tests.cluster.operator_support import get, kubectl_apply
 from tests.cluster.test_chart import render
 from tests.e2e.conftest import Stack, start_gateway
 

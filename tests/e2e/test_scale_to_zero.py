@@ -23,9 +23,10 @@ import yaml
 from huggingface_hub import InferenceClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from llm_devstack.node_agent import AGENT_PLACEMENT
+from llm_devstack.waits import wait_for
 from llm_operator.gateway.coldstart import PHASES
-from tests.cluster.node_agent import AGENT_PLACEMENT
-from tests.cluster.operator_support import get, kubectl_apply, wait_for
+from tests.cluster.operator_support import get, kubectl_apply
 from tests.e2e.conftest import Stack
 
 pytestmark = pytest.mark.cluster

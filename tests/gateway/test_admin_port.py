@@ -17,11 +17,14 @@ import httpx
 import pytest
 import yaml
 
+from llm_devstack.controlplane import default_bin_dir
+from llm_devstack.paths import ROOT
+from llm_devstack.processes import StandaloneGateway
+from llm_devstack.upstream import StandInUpstream
+from llm_operator.contract import ADMIN_PORT
 from llm_operator.gateway.__main__ import parse_args, settings_from
-from llm_operator.gateway.admin import ADMIN_PORT
 from llm_operator.gateway.limits import ServerLimits
-from tests.cluster.harness import ROOT, default_bin_dir
-from tests.gateway.support import StandaloneGateway, StandInUpstream, serve
+from tests.gateway.support import serve
 
 
 @pytest.fixture

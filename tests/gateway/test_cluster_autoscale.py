@@ -11,19 +11,16 @@ import aiohttp
 import pytest
 import yaml
 
+from llm_devstack.controlplane import Cluster
+from llm_devstack.resources import endpoint, install_crd, new_namespace
+from llm_devstack.waits import wait_for
 from llm_operator.autoscale.decide import Tuning
-from llm_operator.autoscale.loop import Autoscaler, AutoscalerSettings, Key, Reading
+from llm_operator.autoscale.loop import Autoscaler, AutoscalerSettings
+from llm_operator.autoscale.readings import Reading
+from llm_operator.contract import MANAGED_BY
 from llm_operator.kube import Credentials, Kube
-from llm_operator.settings import MANAGED_BY
-from tests.cluster.harness import Cluster
-from tests.cluster.operator_support import (
-    endpoint,
-    get,
-    install_crd,
-    new_namespace,
-    stand_in_deployment,
-    wait_for,
-)
+from llm_operator.objects import Key
+from tests.cluster.operator_support import get, stand_in_deployment
 
 pytestmark = pytest.mark.cluster
 NAME = "busy"

@@ -15,19 +15,15 @@ from typing import Any
 import pytest
 import yaml
 
+from llm_devstack.controlplane import Cluster
+from llm_devstack.processes import OperatorProcess
+from llm_devstack.resources import endpoint, install_crd, new_namespace
 from llm_operator.apikey import key_hash, matches
+from llm_operator.contract import AUTOSCALER_FIELD_MANAGER, ENDPOINT_LABEL, GATEWAY_FIELD_MANAGER
 from llm_operator.gateway.routing import Route, RoutingTable
-from llm_operator.gateway.watch import FIELD_MANAGER, ClusterWatcher, StatusWaker
+from llm_operator.gateway.watch import ClusterWatcher, StatusWaker
 from llm_operator.kube import Credentials, Kube
-from llm_operator.settings import AUTOSCALER_FIELD_MANAGER, ENDPOINT_LABEL
-from tests.cluster.harness import Cluster
-from tests.cluster.operator_support import (
-    OperatorProcess,
-    endpoint,
-    get,
-    install_crd,
-    new_namespace,
-)
+from tests.cluster.operator_support import get
 from tests.gateway.support import until
 
 pytestmark = pytest.mark.cluster
@@ -184,7 +180,7 @@ async def test_the_operator_publishes_the_key_and_wakes_on_request(cluster: Clus
             stored = await _get(cluster, "llme", NAME, "-n", namespace)
             status = stored["status"]
             assert status["wakeAcknowledged"] == status["wakeRequestedAt"]  # kept by the operator's writes
-            assert _managers(stored, "f:wakeRequestedAt") == {FIELD_MANAGER}
+            assert _managers(stored, "f:wakeRequestedAt") == {GATEWAY_FIELD_MANAGER}
 
             # the same request acknowledged: back at zero, several full passes later it stays there
             await _kubectl(cluster, "scale", "deployment", NAME, "-n", namespace, "--replicas=0")

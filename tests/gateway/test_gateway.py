@@ -13,14 +13,16 @@ import httpx
 import pytest
 from prometheus_client import generate_latest
 
+from llm_devstack.upstream import StandInUpstream
 from llm_operator.apikey import key_hash
 from llm_operator.gateway.admin import AdminApp
 from llm_operator.gateway.app import Gateway, GatewaySettings
 from llm_operator.gateway.auth import AccessPolicy
 from llm_operator.gateway.coldstart import PHASES
 from llm_operator.gateway.hold import HoldLimits
-from llm_operator.gateway.routing import Key, Route, RoutingTable
-from tests.gateway.support import StandInUpstream, serve, until
+from llm_operator.gateway.routing import Route, RoutingTable
+from llm_operator.objects import Key
+from tests.gateway.support import serve, until
 
 KEY = ("ml", "falcon")
 POD = "falcon-7d9f-x2"

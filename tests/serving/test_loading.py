@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
+from llm_devstack.models import GGUF_NAME, smollm2_package_dir
 from llm_serving.loading import load, resolve
 from tests.serving.conftest import Server, subprocess_server
-from tests.serving.models import GGUF_NAME, smollm2_package_dir
 
 
 def test_package_model_resolves_to_its_gguf() -> None:

@@ -33,6 +33,10 @@ VLLM_METRICS = [
     "vllm:inter_token_latency_seconds_bucket",
     "vllm:time_per_output_token_seconds_bucket",
     "vllm:e2e_request_latency_seconds_bucket",
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+    "vllm:cache_config_info",
+    "vllm:num_preemptions_total",
 ]
 
 
@@ -52,6 +56,44 @@ def test_metrics_have_tgi_and_vllm_names(tiny_server: Server) -> None:
         assert name in names, name
     assert "# TYPE tgi_request_count counter" in text
     assert "tgi_request_count_total" not in names  # TGI's counters have no _total suffix
+
+
+def samples(text: str) -> dict[str, float]:
+    """`name{labels}` -> value for every sample of an exposition."""
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_kv_cache_metrics_report_capacity_and_prefix_hits(tiny_server: Server) -> None:
+    """The same 60-token prompt twice: the second finds its full blocks in the prefix cache; the capacity
+    metrics and `/info` agree on blocks x block size."""
+    prompt = " ".join(["once upon a time there was a tiny model"] * 6)
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 2}}
+    with tiny_server.client() as client:
+        before = samples(client.get("/metrics").text)
+        for _ in range(2):
+            assert client.post("/generate", json=body).status_code == 200
+        after = samples(client.get("/metrics").text)
+        info = client.get("/info").json()
+    model = 'model_name="tiny-llama-0.1.2-v1"'
+    (config,) = [k for k in after if k.startswith("vllm:cache_config_info{")]
+    labels = dict(part.split("=") for part in config[len("vllm:cache_config_info{") : -1].split(","))
+    block_size, num_blocks = int(labels["block_size"].strip('"')), int(labels["num_gpu_blocks"].strip('"'))
+    assert after[config] == 1.0
+    assert after["tgi_batch_max_total_tokens"] == block_size * num_blocks == info["max_batch_total_tokens"]
+    assert info["max_batch_total_tokens"] >= info["max_total_tokens"]
+
+    def delta(name: str) -> float:
+        key = f"{name}{{{model}}}"
+        return after[key] - before.get(key, 0.0)
+
+    hits, queries = delta("vllm:prefix_cache_hits_total"), delta("vllm:prefix_cache_queries_total")
+    assert hits >= 2 * block_size  # the second request reused the prompt's full blocks
+    assert queries >= hits
+    assert 0.0 <= after[f"vllm:kv_cache_usage_perc{{{model}}}"] <= 1.0
 
 
 def test_info_and_health(tiny_server: Server) -> None:

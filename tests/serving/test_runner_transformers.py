@@ -1,54 +1,25 @@
-"""The runner refuses a transformers too old for its `cache=` argument (seen on a GPU machine with 5.17:
-the KV cache was silently ignored and every decoded token was wrong)."""
+"""The runner refuses a model whose code does not dispatch attention through transformers' AttentionInterface:
+its own attention would run over the whole packed step (rows attending to each other, no KV cache) and give
+wrong tokens without an error."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
+from llm_serving.engine.kv_cache import PagedKVCache
 from llm_serving.engine.runner import ModelRunner
+from tests.serving.models import tiny_model_dir
 
 
-class _Model:
-    def parameters(self) -> Iterator[torch.Tensor]:
-        yield torch.zeros(1)
+def test_runner_refuses_a_model_without_the_attention_interface() -> None:
+    model = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
+    cache = PagedKVCache(model, num_blocks=2, block_size=16)
+    with pytest.raises(RuntimeError, match="does not dispatch attention through transformers' Attention"):
+        ModelRunner(model, cache)
 
 
-class _Before523(_Model):
-    def forward(
-        self,
-        input_ids: Any = None,
-        attention_mask: Any = None,
-        position_ids: Any = None,
-        past_key_values: Any = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int = 0,
-        **kwargs: Any,
-    ) -> Any:
-        raise NotImplementedError
-
-
-class _Since523(_Model):
-    def forward(
-        self,
-        input_ids: Any = None,
-        attention_mask: Any = None,
-        position_ids: Any = None,
-        cache: Any = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int = 0,
-        **kwargs: Any,
-    ) -> Any:
-        raise NotImplementedError
-
-
-def test_runner_refuses_a_forward_without_the_cache_argument() -> None:
-    with pytest.raises(RuntimeError, match=r"no `cache` argument .* transformers >= 5\.23"):
-        ModelRunner(_Before523())
-
-
-def test_runner_accepts_a_forward_with_the_cache_argument() -> None:
-    assert ModelRunner(_Since523()).batch is None
+def test_runner_accepts_a_model_with_the_attention_interface() -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32)
+    assert ModelRunner(model, PagedKVCache(model, num_blocks=2, block_size=16)).alone

@@ -4,11 +4,13 @@ durations, and the Kubernetes-shaped references, env vars and tolerations."""
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
 from pydantic.alias_generators import to_camel
+
+from llm_operator.objects import rfc3339, rfc3339_micro
 
 DURATION_PATTERN = r"^([0-9]+(ms|s|m|h))+$"
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
@@ -17,25 +19,16 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 Quantity = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string": True, "maxLength": 64})]
 """A Kubernetes resource quantity such as `16Gi`, `500m` or `4`."""
 
-
-def _rfc3339(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 Timestamp = Annotated[
     datetime,
-    PlainSerializer(_rfc3339, return_type=str),
+    PlainSerializer(rfc3339, return_type=str),
     WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
-
-
-def _rfc3339_micro(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
+"""A Kubernetes Time: RFC 3339 in whole seconds, UTC."""
 
 MicroTimestamp = Annotated[
     datetime,
-    PlainSerializer(_rfc3339_micro, return_type=str),
+    PlainSerializer(rfc3339_micro, return_type=str),
     WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
 """A Timestamp with microseconds (two requests in one second stay apart)."""

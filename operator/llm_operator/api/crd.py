@@ -10,7 +10,6 @@ prunes unknown fields), and any keyword Kubernetes does not know is an error her
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from llm_operator.api import generated
 from llm_operator.api import v1alpha1 as api
+from llm_operator.contract import PART_OF
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[3] / "crds" / "llmendpoints.yaml"
 HEADER = (
@@ -136,7 +137,7 @@ def crd() -> dict[str, Any]:
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": f"{api.PLURAL}.{api.GROUP}",
-            "labels": {"app.kubernetes.io/part-of": "llm-endpoints"},
+            "labels": dict(PART_OF),
         },
         "spec": {
             "group": api.GROUP,
@@ -163,34 +164,13 @@ def crd() -> dict[str, Any]:
     }
 
 
-def render_yaml() -> str:
+def crd_yaml() -> str:
     """The file's exact text."""
     return HEADER + yaml.safe_dump(crd(), sort_keys=False, width=100, allow_unicode=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="file to write or check")
-    parser.add_argument("--check", action="store_true", help="fail when the file differs from the models")
-    args = parser.parse_args(argv)
-    return write_or_check(args.output, render_yaml(), check=args.check)
-
-
-def write_or_check(output: Path, text: str, *, check: bool) -> int:
-    """Writes a generated file, or with `check` exits 1 when the checked-in one differs (run `make crds`)."""
-    if check:
-        current = output.read_text() if output.exists() else ""
-        if current != text:
-            print(f"{output} is stale: run `make crds`", file=sys.stderr)
-            return 1
-        print(f"{output} is up to date")
-        return 0
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text)
-    print(f"wrote {output}")
-    return 0
+    return generated.main(__doc__ or "", DEFAULT_OUTPUT, crd_yaml, argv)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,19 @@
 """`python -m llm_operator.api.reference`: docs/api.md, the LLMEndpoint API reference, from the CRD.
 
-The reference is rendered from the same generated schema the API server enforces, so descriptions,
+The reference is written from the same generated schema the API server enforces, so descriptions,
 defaults, bounds and validation messages in the docs are the ones users meet. `--check` fails when the
 checked-in file is stale.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from llm_operator.api import generated
 from llm_operator.api.crd import crd as build_crd
-from llm_operator.api.crd import write_or_check
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[3] / "docs" / "api.md"
 Schema = dict[str, Any]
@@ -83,7 +82,7 @@ def rules(schema: Schema, path: str) -> Iterator[str]:
         )
 
 
-def render_markdown() -> str:
+def reference_markdown() -> str:
     """The whole reference page."""
     crd = build_crd()
     version = crd["spec"]["versions"][0]
@@ -134,13 +133,7 @@ def render_markdown() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="file to write or check")
-    parser.add_argument("--check", action="store_true", help="fail when the file differs from the CRD")
-    args = parser.parse_args(argv)
-    return write_or_check(args.output, render_markdown(), check=args.check)
+    return generated.main(__doc__ or "", DEFAULT_OUTPUT, reference_markdown, argv)
 
 
 if __name__ == "__main__":

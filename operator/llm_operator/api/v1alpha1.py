@@ -6,11 +6,14 @@ operator parses the objects it reads with them. Attribute docstrings become the 
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
+import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from llm_operator.api.accelerators import ACCELERATORS
 from llm_operator.api.common import (
     DURATION_PATTERN,
     EnvVar,
@@ -23,6 +26,7 @@ from llm_operator.api.common import (
     rules,
 )
 from llm_operator.api.common import parse_duration as parse_duration
+from llm_operator.errors import InvalidEndpointError
 
 GROUP = "llm-endpoints.io"
 VERSION = "v1alpha1"
@@ -35,16 +39,10 @@ API_VERSION = f"{GROUP}/{VERSION}"
 Phase = Literal["Pending", "Loading", "Running", "ScaledToZero", "Paused", "Failed"]
 ConditionType = Literal["Ready", "Progressing", "ScaledToZero", "Degraded"]
 AccessMode = Literal["public", "protected", "private"]
-AcceleratorType = Literal[
-    "nvidia-a100-40gb",
-    "nvidia-a100-80gb",
-    "nvidia-h100-80gb",
-    "nvidia-h200-141gb",
-    "nvidia-l4",
-    "nvidia-l40s",
-    "nvidia-a10g",
-    "nvidia-t4",
-]
+if TYPE_CHECKING:
+    AcceleratorType = str
+else:  # the keys of the one table, as an enum in the schema
+    AcceleratorType = Literal[tuple(ACCELERATORS)]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 
 
@@ -418,3 +416,11 @@ class LLMEndpoint(BaseModel):
     metadata: ObjectMeta
     spec: LLMEndpointSpec
     status: LLMEndpointStatus = Field(default_factory=LLMEndpointStatus)
+
+
+def parse_endpoint(body: Mapping[str, Any]) -> LLMEndpoint:
+    """A stored LLMEndpoint -> the model, or InvalidEndpointError naming what is wrong."""
+    try:
+        return LLMEndpoint.model_validate(body)
+    except pydantic.ValidationError as error:
+        raise InvalidEndpointError(f"stored LLMEndpoint does not parse: {error}") from error

@@ -14,8 +14,9 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from llm_operator import logs
+from llm_operator.contract import ADMIN_PORT
 from llm_operator.gateway import limits
-from llm_operator.gateway.admin import ADMIN_PORT, AdminApp
+from llm_operator.gateway.admin import AdminApp
 from llm_operator.gateway.app import Gateway, GatewaySettings
 from llm_operator.gateway.auth import AccessPolicy
 from llm_operator.gateway.hold import HoldLimits
@@ -33,9 +34,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--admin-port", type=int, default=ADMIN_PORT, help="/metrics, /healthz and /readyz")
-    p.add_argument(
-        "--path-prefix", default=gateway.path_prefix, help="path routing: <prefix>/<ns>/<name>/..."
-    )
     p.add_argument("--max-held", type=int, default=hold.max_waiting, help="held requests per endpoint")
     p.add_argument(
         "--max-held-per-client",
@@ -82,7 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="judge private access by Forwarded/X-Forwarded-For too, instead of refusing proxied requests",
     )
     limits.add_flags(p)
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=logs.LEVELS)
     return p.parse_args(argv)
 
 
@@ -98,7 +96,6 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
     if not access.internal:
         log.warning("no --internal-cidr (gateway.internalCIDRs) given: private endpoints refuse every caller")
     return GatewaySettings(
-        path_prefix=args.path_prefix,
         hold=hold,
         access=access,
         keepalive_seconds=args.keepalive_seconds,

@@ -11,9 +11,6 @@ from starlette.types import Receive, Scope, Send
 
 from llm_operator.gateway.errors import error_body
 
-ADMIN_PORT = 9090
-"""The gateway's admin port (`--admin-port`); the operator's autoscaler scrapes the gateway pods there."""
-
 
 class AdminApp:
     """ASGI app over the gateway's metric registry; `ready()` answers the readiness probe."""

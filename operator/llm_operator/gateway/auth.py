@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 from llm_operator import apikey
 from llm_operator.gateway.errors import GatewayError
+from llm_operator.gateway.headers import forwarded_for
 from llm_operator.gateway.routing import Route
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-FORWARDED_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 
 
 class AccessDenied(GatewayError):
@@ -85,24 +84,6 @@ class AccessPolicy:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self.internal)
-
-
-def forwarded_for(headers: Mapping[str, str]) -> list[str] | None:
-    """Client addresses named by proxy headers, or None when no proxy header is present."""
-    present = [name for name in FORWARDED_HEADERS if name in headers]
-    if not present:
-        return None
-    found: list[str] = []
-    for part in headers.get("forwarded", "").split(","):
-        for pair in part.split(";"):
-            key, _, value = pair.strip().partition("=")
-            if key.lower() == "for" and value:
-                host = value.strip('"')
-                found.append(host.split("]")[0] + "]" if host.startswith("[") else host.split(":")[0])
-    found += [a.strip() for a in headers.get("x-forwarded-for", "").split(",") if a.strip()]
-    if real := headers.get("x-real-ip", "").strip():
-        found.append(real)
-    return found
 
 
 def from_inside(policy: AccessPolicy, peer: str | None, headers: Mapping[str, str]) -> bool:

@@ -16,10 +16,11 @@ readings the caller passes in.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from llm_operator.objects import Key, conditions, parse_rfc3339
 
 PHASES = ("trigger", "scheduled", "process_started", "model_loaded", "ready", "first_byte")
 POD_PHASES = ("scheduled", "process_started", "model_loaded")
@@ -49,11 +50,40 @@ class ColdStart:
         return ", ".join(f"{p} {self.marks[p]:.2f}s" for p in PHASES if p in self.marks)
 
 
+class ColdStarts:
+    """The wake under way per endpoint, from its first held request to its first answer byte."""
+
+    def __init__(self) -> None:
+        self._open: dict[Key, ColdStart] = {}
+
+    def begin(self, key: Key, now: float, monotonic_now: float) -> ColdStart:
+        """The endpoint's wake under way, begun now if none is (by the first request held for it)."""
+        return self._open.setdefault(key, ColdStart(now, monotonic_now))
+
+    def mark(self, key: Key, phase: str, monotonic_now: float) -> None:
+        """Record `phase` of the endpoint's wake under way, if any."""
+        if (cold := self._open.get(key)) is not None:
+            cold.mark(phase, monotonic_now)
+
+    def abandon(self, key: Key) -> None:
+        """The wake failed or the endpoint went away: no breakdown for it."""
+        self._open.pop(key, None)
+
+    def first_byte(self, key: Key, cold: ColdStart, monotonic_now: float) -> bool:
+        """Close `cold` at the first answer byte after its wake: True once, for whichever held request
+        is first; False when it is closed (or abandoned) already."""
+        if self._open.get(key) is not cold:
+            return False
+        del self._open[key]
+        cold.mark("first_byte", monotonic_now)
+        return True
+
+
 def _parse(stamp: Any) -> float | None:
     if not isinstance(stamp, str):
         return None
     try:
-        return dt.datetime.fromisoformat(stamp).timestamp()
+        return parse_rfc3339(stamp).timestamp()
     except ValueError:
         return None
 
@@ -62,9 +92,9 @@ def pod_timestamps(pod: Mapping[str, Any]) -> dict[str, float]:
     """Unix times at which the pod was scheduled, its container started and it became Ready (those known)."""
     status = pod.get("status") or {}
     found: dict[str, float] = {}
-    conditions = {c.get("type"): c for c in status.get("conditions") or () if c.get("status") == "True"}
+    true = {kind: c for kind, c in conditions(pod).items() if c.get("status") == "True"}
     for phase, kind in (("scheduled", "PodScheduled"), ("model_loaded", "Ready")):
-        if (stamp := _parse((conditions.get(kind) or {}).get("lastTransitionTime"))) is not None:
+        if (stamp := _parse((true.get(kind) or {}).get("lastTransitionTime"))) is not None:
             found[phase] = stamp
     started = [
         stamp

@@ -13,34 +13,31 @@ from typing import Any
 import aiohttp
 from starlette.types import Message, Receive, Send
 
+from llm_operator.gateway import headers
 from llm_operator.gateway.coldstart import ColdStart
-from llm_operator.gateway.errors import error_body
+from llm_operator.gateway.errors import GatewayError, error_body
 
 log = logging.getLogger("llm_operator.gateway")
 
-RESPONSE_HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-authenticate", b"trailer", b"transfer-encoding", b"upgrade", b"te"}
-)
 KEEPALIVE = b": waiting for a replica\n\n"
-SSE_HEADERS = [
-    (b"content-type", b"text/event-stream"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
 
 
 async def respond(
     send: Send,
     status: int,
     body: bytes,
-    headers: dict[str, str] | None = None,
+    extra: dict[str, str] | None = None,
     content_type: bytes = b"application/json",
 ) -> None:
     """A whole response of the gateway's own."""
-    raw = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    raw = headers.own(content_type, len(body), extra)
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+async def refuse(send: Send, error: GatewayError) -> None:
+    """A refusal as a whole response: its status, TGI's error body, its headers."""
+    await respond(send, error.status, error_body(str(error), error.error_type), error.headers())
 
 
 class Exchange:
@@ -55,7 +52,7 @@ class Exchange:
         """Set when this request was held through a wake."""
 
     async def start_sse(self) -> None:
-        await self.send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        await self.send({"type": "http.response.start", "status": 200, "headers": headers.SSE_HEADERS})
         self.started = self.sse = True
         await self.keepalive()
 
@@ -67,20 +64,20 @@ class Exchange:
         message: Message = {"type": "http.response.body", "body": chunk, "more_body": more}
         await self.send(message)
 
-    async def fail(self, status: int, message: str, error_type: str, headers: dict[str, str]) -> None:
-        """Answer an error: a response of its own, or the error event that ends a held SSE stream (counted
+    async def fail(self, error: GatewayError) -> None:
+        """Answer a refusal: a response of its own, or the error event that ends a held SSE stream (counted
         with the status it would have had)."""
-        self.status = status
+        self.status = error.status
         if self.sse:
-            await self._body(b"data: " + error_body(message, error_type) + b"\n\n", more=False)
+            await self._body(b"data: " + error_body(str(error), error.error_type) + b"\n\n", more=False)
             return
-        await respond(self.send, status, error_body(message, error_type), headers)
+        await refuse(self.send, error)
 
     async def relay(self, upstream: aiohttp.ClientResponse) -> None:
         """Pass the upstream answer on, chunk by chunk as it arrives."""
         if not self.started:
             self.status = upstream.status
-            raw = [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in RESPONSE_HOP_BY_HOP]
+            raw = headers.downstream(upstream.raw_headers)
             await self.send({"type": "http.response.start", "status": upstream.status, "headers": raw})
             self.started = True
         elif upstream.status != 200:

@@ -3,7 +3,8 @@
 The first request that finds an endpoint without a ready replica triggers the wake at once; later ones wait
 on the same event. A request is refused with a `HoldRefused` (answered 503 + Retry-After) when the gateway
 already holds `max_held_total` requests, the endpoint `max_waiting`, or the same client (see `client_key`)
-its share of the endpoint's; or when no replica becomes ready within its timeout.
+its share of the endpoint's; or when no replica becomes ready within its timeout. `Holds.until_ready` is
+one held request's loop: wait, re-read its route, keep an SSE answer alive meanwhile.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from llm_operator.errors import OperatorError
 from llm_operator.gateway.errors import GatewayError
-from llm_operator.gateway.routing import Key
+from llm_operator.gateway.routing import Route
+from llm_operator.objects import Key
 
 log = logging.getLogger("llm_operator.gateway.hold")
-TIMEOUT_HEADER = "x-scale-up-timeout"
 _Slot = TypeVar("_Slot")
 
 
@@ -29,13 +31,13 @@ _Slot = TypeVar("_Slot")
 class HoldLimits:
     """Bounds of the hold (each per gateway replica)."""
 
-    max_waiting: int = 256
+    max_waiting: int = 64
     """Held requests per endpoint; one more is refused at once."""
     max_waiting_per_client: int | None = None
     """Held requests per endpoint from one client; None: a quarter of `max_waiting`, at least 1."""
     max_held_total: int = 1024
     """Held requests over all endpoints (each keeps its body in memory)."""
-    timeout: float = 600.0
+    timeout: float = 300.0
     """Seconds a request waits for a replica: the default, and the most X-Scale-Up-Timeout may ask for."""
     retry_after: int = 30
     """Seconds suggested in Retry-After when a request is refused."""
@@ -63,6 +65,16 @@ class InvalidTimeoutHeader(GatewayError, ValueError):
 
     status = 400
     error_type = "validation"
+
+
+class EndpointDeleted(GatewayError):
+    """The endpoint was deleted while its request was held."""
+
+    status = 404
+    error_type = "not_found"
+
+    def __init__(self, key: Key) -> None:
+        super().__init__(f"endpoint {key[0]}/{key[1]} was deleted")
 
 
 class HoldRefused(GatewayError):
@@ -110,7 +122,8 @@ def hold_timeout(header: str | None, limits: HoldLimits) -> float:
 
 
 class Holds:
-    """Per-endpoint readiness events, held-request counts and the wake trigger."""
+    """Per-endpoint readiness events, held-request counts and the wake trigger (`wake` raises an
+    OperatorError when it fails; a later request sends it again)."""
 
     def __init__(
         self,
@@ -167,7 +180,8 @@ class Holds:
     async def _run_wake(self, key: Key) -> None:
         try:
             await self._wake(key)
-        except Exception as error:  # the next request tries again after rewake_seconds
+        except (OperatorError, OSError) as error:
+            # the API call failed, or the token could not be read: a request tries after rewake_seconds
             log.warning("wake of %s/%s failed: %s", *key, error)
         finally:
             self._wakes.pop(key, None)
@@ -215,6 +229,32 @@ class Holds:
             self._total -= 1
             _release(self._waiting, key)
             _release(self._by_client, slot)
+
+    async def until_ready(
+        self,
+        key: Key,
+        lookup: Callable[[], Route | None],
+        deadline: float,
+        client: str,
+        keepalive: Callable[[], Awaitable[None]],
+        every: float,
+    ) -> Route:
+        """Hold one request until `lookup` gives the endpoint's route with a ready address, by `deadline`
+        (on this clock), awaiting `keepalive` every `every` seconds meanwhile. Raises what `wait` raises,
+        and EndpointDeleted once `lookup` finds no route."""
+        route = lookup()
+        while route is None or not route.addresses:
+            waiter = asyncio.ensure_future(self.wait(key, deadline - self._clock(), client))
+            try:
+                while not (await asyncio.wait({waiter}, timeout=every))[0]:
+                    await keepalive()
+            finally:
+                waiter.cancel()
+            waiter.result()
+            route = lookup()
+            if route is None:
+                raise EndpointDeleted(key)
+        return route
 
     async def close(self) -> None:
         """Cancel wakes in flight."""

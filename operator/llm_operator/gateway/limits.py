@@ -3,9 +3,10 @@
 uvicorn with httptools bounds none of these by itself (a header may grow until the pod is OOM-killed, a
 connection that never finishes its headers stays open), so `bounded_protocol` subclasses its httptools
 protocol to count header bytes, arm a per-connection header deadline and refuse connections over the caps,
-and the app bounds body size, body read time and the bytes of all buffered bodies (`BodyBudget`). Bodies
+and `read_body` bounds body size, body read time and the bytes of all buffered bodies (`BodyBudget`). Bodies
 are buffered whole (a request may be held, and is sent again to another replica when connecting fails), so
-the budget, held requests included, bounds their memory: a request that would exceed it gets 503.
+the budget, held requests included, bounds their memory: a request that would exceed it gets 503. Each
+refusal is a class of its own (`BodyTooLarge`, `TooManyConnections`, ...).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from starlette.types import Receive
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 from uvicorn.server import ServerState
 
+from llm_operator.gateway import headers
 from llm_operator.gateway.errors import GatewayError, error_body
 from llm_operator.gateway.origin_form import OriginFormTarget
 
@@ -65,16 +68,73 @@ def from_args(args: argparse.Namespace) -> ServerLimits:
     return ServerLimits(**{bound.name: getattr(args, bound.name) for bound in fields(ServerLimits)})
 
 
+class ClientGone(GatewayError):
+    """The client went away before its request body was complete."""
+
+    status = 499
+    error_type = "client_closed"
+
+
 class BodyRefused(GatewayError):
     """A request body the gateway stops reading; the connection closes after the answer."""
 
-    def __init__(self, status: int, error_type: str, message: str, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status, self.error_type, self.retry_after = status, error_type, retry_after
+    def headers(self) -> dict[str, str]:
+        return {"connection": "close"}
+
+
+class BodyTooLarge(BodyRefused):
+    """A body over `max_body_bytes`."""
+
+    status = 413
+    error_type = "payload_too_large"
+
+
+class BodyTooSlow(BodyRefused):
+    """A body not received within `body_seconds`."""
+
+    status = 408
+    error_type = "request_timeout"
+
+
+class BodiesOverBudget(BodyRefused):
+    """A body that does not fit in what is left of `body_budget_bytes`."""
+
+    status = 503
+    error_type = "overloaded"
 
     def headers(self) -> dict[str, str]:
-        extra = {} if self.retry_after is None else {"retry-after": str(self.retry_after)}
-        return {"connection": "close", **extra}
+        return {**super().headers(), "retry-after": "1"}
+
+
+class ConnectionRefused(GatewayError):
+    """A connection closed unread after its answer (written by the protocol, see `BoundedHttpTools`)."""
+
+    def headers(self) -> dict[str, str]:
+        return {"connection": "close"}
+
+
+class TooManyConnections(ConnectionRefused):
+    """Over `max_connections`, or `max_connections_per_client` from the peer."""
+
+    status = 503
+    error_type = "overloaded"
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "retry-after": "1"}
+
+
+class HeadersTooSlow(ConnectionRefused):
+    """A request's headers not complete within `header_seconds`."""
+
+    status = 408
+    error_type = "request_timeout"
+
+
+class HeadersTooLarge(ConnectionRefused):
+    """A request line and headers over `header_bytes`."""
+
+    status = 431
+    error_type = "request_header_fields_too_large"
 
 
 class BodyBudget:
@@ -92,6 +152,34 @@ class BodyBudget:
 
     def give(self, size: int) -> None:
         self.used -= size
+
+
+async def read_body(receive: Receive, bounds: ServerLimits, budget: BodyBudget) -> bytes:
+    """The whole body, within the body bounds: BodyTooLarge over `max_body_bytes`, BodyTooSlow past
+    `body_seconds`, BodiesOverBudget when the buffered bodies would exceed their budget, ClientGone when
+    the client leaves first. The body's bytes stay taken from `budget` until the caller gives them back."""
+    chunks, size, more = [], 0, True
+    try:
+        async with asyncio.timeout(bounds.body_seconds):
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone("client went away")
+                chunk = message.get("body", b"")
+                if size + len(chunk) > bounds.max_body_bytes:
+                    raise BodyTooLarge(f"request body over {bounds.max_body_bytes} bytes")
+                if not budget.take(len(chunk)):
+                    raise BodiesOverBudget("the gateway holds as many request bodies as it may; retry later")
+                size += len(chunk)
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+    except TimeoutError:
+        budget.give(size)
+        raise BodyTooSlow(f"request body not received within {bounds.body_seconds:g}s") from None
+    except BaseException:
+        budget.give(size)
+        raise
+    return b"".join(chunks)
 
 
 class Connections:
@@ -115,11 +203,13 @@ class Connections:
             del self.by_peer[peer]
 
 
-def _answer(status: int, message: str, error_type: str, extra: bytes = b"") -> bytes:
-    """A whole HTTP/1.1 answer in TGI's error shape that closes the connection."""
-    body = error_body(message, error_type)
-    head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n" % len(body)
-    return STATUS_LINE[status] + head + extra + b"\r\n" + body
+def _answer(refused: ConnectionRefused) -> bytes:
+    """A whole HTTP/1.1 answer in TGI's error shape, with the refusal's headers."""
+    body = error_body(str(refused), refused.error_type)
+    head = b"".join(
+        k + b": " + v + b"\r\n" for k, v in headers.own(b"application/json", len(body), refused.headers())
+    )
+    return STATUS_LINE[refused.status] + head + b"\r\n" + body
 
 
 LINGER_SECONDS = 2.0
@@ -156,7 +246,7 @@ class BoundedHttpTools(OriginFormTarget):
         super().connection_made(transport)
         peer = self.client[0] if self.client else ""
         if not self.admitted.admit(peer):
-            self._refuse(_answer(503, "too many connections", "overloaded", b"retry-after: 1\r\n"))
+            self._refuse(_answer(TooManyConnections("too many connections")))
             return
         self._peer = peer
         self._arm()
@@ -226,11 +316,11 @@ class BoundedHttpTools(OriginFormTarget):
             self._refuse(b"")
             return
         seconds = f"{self.limits.header_seconds:g}"
-        self._refuse(_answer(408, f"request headers not received within {seconds}s", "request_timeout"))
+        self._refuse(_answer(HeadersTooSlow(f"request headers not received within {seconds}s")))
 
     def _too_large(self) -> None:
         message = f"request headers over {self.limits.header_bytes} bytes"
-        self._refuse(_answer(431, message, "request_header_fields_too_large"))
+        self._refuse(_answer(HeadersTooLarge(message)))
 
     def _refuse(self, answer: bytes) -> None:
         """Close the connection unread, after `answer` unless an answer is already being written on it."""

@@ -1,6 +1,6 @@
 """The gateway's per-endpoint request metrics (what the autoscaler reads) and the cold-start breakdown.
 
-Names (all labelled `namespace`, `endpoint`):
+Names (defined in `contract`; all labelled `namespace`, `endpoint`):
 - `llm_gateway_requests_in_flight` — requests being proxied or held now;
 - `llm_gateway_requests_held` — of those, the ones waiting for a replica;
 - `llm_gateway_requests_total{code}` — finished requests by HTTP status;
@@ -14,15 +14,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from llm_operator.gateway.routing import Key
+from llm_operator.contract import COLD_START, HELD, IN_FLIGHT, LAST_REQUEST, REQUESTS
+from llm_operator.contract import METRIC_LABELS as LABELS
+from llm_operator.objects import Key
 
-IN_FLIGHT = "llm_gateway_requests_in_flight"
-HELD = "llm_gateway_requests_held"
-REQUESTS = "llm_gateway_requests_total"
-LAST_REQUEST = "llm_gateway_last_request_timestamp_seconds"
-COLD_START = "llm_gateway_cold_start_seconds"
 COLD_START_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
-LABELS = ("namespace", "endpoint")
 
 
 class GatewayMetrics:

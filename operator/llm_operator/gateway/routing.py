@@ -1,8 +1,8 @@
 """The gateway's routing table and its decisions: which endpoint a request is for, and where it goes. Pure.
 
 A request names its endpoint either by path, `<prefix>/<namespace>/<name>/<rest>` (Ingress, the URL in an
-endpoint's status), or by Host, `<name>.<namespace>[.svc[.cluster.local]][:port]` (an ExternalName Service or
-a wildcard DNS name pointing at the gateway). The path wins when both could apply.
+endpoint's status), or by Host, `<name>.<namespace>[.svc[.cluster.local]][:port]` (a wildcard DNS name
+pointing at the gateway, or a client that sets Host). The path wins when both could apply.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
-from llm_operator.gateway.proxy import BadRequest
-from llm_operator.settings import ENDPOINT_LABEL
+from llm_operator.contract import ENDPOINT_LABEL, ENDPOINTS_PATH
+from llm_operator.gateway.errors import BadRequest
+from llm_operator.objects import Key
 
 Access = Literal["public", "protected", "private"]
-Key = tuple[str, str]  # (namespace, name)
 
 STREAM_PATHS = frozenset({"/generate_stream"})
 """Routes that always answer with SSE."""
@@ -98,7 +98,11 @@ def _host_key(host: str) -> Key | None:
 
 
 def resolve(
-    table: RoutingTable, host: str | None, path: str, prefix: str = "/endpoints", raw_path: str | None = None
+    table: RoutingTable,
+    host: str | None,
+    path: str,
+    raw_path: str | None = None,
+    prefix: str = ENDPOINTS_PATH,
 ) -> Target | None:
     """The endpoint `host` and `path` name, if the table knows it. `path` is the decoded path, `raw_path`
     the one received (the same when omitted).

@@ -15,6 +15,8 @@ from types import SimpleNamespace
 import aiohttp
 from aiohttp.connector import AddrInfoType, SocketFactoryType
 
+from llm_operator.gateway.proxy import Broken
+
 
 @dataclass(frozen=True)
 class UpstreamSettings:
@@ -42,6 +44,17 @@ class Attempt(SimpleNamespace):
     """Passed as aiohttp's trace context of one request: `reused` is set when it got a pooled connection."""
 
     reused: bool = False
+
+
+def broken(error: aiohttp.ClientError) -> Broken:
+    """How an attempt that raised `error` before its answer began ended (see `proxy.should_retry`)."""
+    if isinstance(error, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return "connect"
+    if isinstance(error, aiohttp.ServerTimeoutError):
+        return "timeout"
+    if isinstance(error, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return "disconnect"
+    return "failed"
 
 
 def keepalive_socket(settings: UpstreamSettings) -> SocketFactoryType:

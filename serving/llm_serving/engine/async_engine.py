@@ -12,9 +12,10 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
-from llm_serving.engine.engine import Engine, Event, FailureEvent, StepStats, TokenEvent
+from llm_serving.engine.engine import Engine
 from llm_serving.engine.request import Request
 from llm_serving.errors import EngineDeadError, GenerationError, OverloadedError, ServingError
+from llm_serving.outputs import Event, FailureEvent, StepStats, TokenEvent
 from llm_serving.sampling.params import SamplingParams, StoppingParams
 
 log = logging.getLogger("llm_serving.engine")
@@ -79,10 +80,12 @@ class AsyncEngine:
         return len(self._engine.scheduler.running)
 
     def _loop(self) -> None:
-        """The engine thread: serve until `_Stop`; after an unexpected exception, fail every request."""
+        """The engine thread: serve until `_Stop`. An exception that escapes the engine's own handling (a bug,
+        or a failed tensor-parallel step: the ranks are out of step) leaves the engine dead: every open
+        request ends with `EngineDeadError`, later ones are refused with it, and `/health` answers 503."""
         try:
             self._serve()
-        except Exception as exc:
+        except BaseException as exc:  # even SystemExit: a silently dead thread would hang every request
             log.exception("engine thread failed; the server is unhealthy from now on")
             self.failure = f"{type(exc).__name__}: {exc}"
             self._refuse_until_stopped()
@@ -97,7 +100,7 @@ class AsyncEngine:
                     break
                 block = False
                 if isinstance(command, _Stop):
-                    self._engine.runner.shutdown()
+                    self._shutdown()
                     return
                 if isinstance(command, _Add):
                     self._sinks[command.request.id] = command.sink
@@ -112,11 +115,18 @@ class AsyncEngine:
             if stats is not None and self._on_step is not None:
                 self._on_step(stats)
 
+    def _shutdown(self) -> None:
+        """Stop the other ranks' loops; a failure here only leaves them to torchrun."""
+        try:
+            self._engine.runner.shutdown()
+        except Exception:
+            log.exception("could not stop the other ranks")
+
     def _end_all(self, error: Callable[[], ServingError]) -> None:
-        """Cancel every open request and hand each one `error()`."""
-        for request_id, sink in list(self._sinks.items()):
-            with contextlib.suppress(Exception):
-                self._engine.cancel(request_id)
+        """Drop every request from the engine and hand each open one `error()`."""
+        with contextlib.suppress(Exception):
+            self._engine.abort_all()
+        for sink in self._sinks.values():
             _deliver(sink, error())
         self._sinks.clear()
 
@@ -138,7 +148,7 @@ class AsyncEngine:
             final = isinstance(last, FailureEvent) or last.finish_reason is not None
             sink = self._sinks.pop(request_id, None) if final else self._sinks.get(request_id)
             if sink is not None:
-                sink(group)
+                _deliver(sink, group)
 
     async def generate(
         self,

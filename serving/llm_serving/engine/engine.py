@@ -2,63 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from llm_serving.detokenize import IncrementalDetokenizer
-from llm_serving.engine.request import FinishReason, Request
-from llm_serving.engine.runner import ModelRunner, StepPlan
-from llm_serving.engine.scheduler import Scheduler, SchedulerOutput
+from llm_serving.engine.blocks import BlockStats
+from llm_serving.engine.request import Request
+from llm_serving.engine.runner import ModelRunner, RowPlan, StepLogits, StepPlan
+from llm_serving.engine.scheduler import ScheduledRow, Scheduler, SchedulerOutput
+from llm_serving.outputs import Event, FailureEvent, StepStats, TokenEvent, TokenInfo
 from llm_serving.sampling.logits import RowContext
 from llm_serving.sampling.sampler import choose, make_generator
 from llm_serving.sampling.stopping import check_stop
 
-
-@dataclass(frozen=True)
-class TokenInfo:
-    id: int
-    text: str
-    logprob: float
-    special: bool
+log = logging.getLogger("llm_serving.engine")
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token of one request; the last one carries the finish reason."""
-
-    request_id: int
-    token: TokenInfo
-    top: tuple[TokenInfo, ...]
-    finish_reason: FinishReason | None
-    prompt_logprobs: list[float] | None = None
-    queued: float | None = None
-
-
-@dataclass(frozen=True)
-class FailureEvent:
-    """The step that held this request ran out of memory; the engine goes on."""
-
-    request_id: int
-    message: str
-
-
-Event = TokenEvent | FailureEvent
-
-
-@dataclass(frozen=True)
-class StepStats:
-    """What one step did, for metrics."""
-
-    queue_size: int
-    batch_size: int
-    batch_tokens: int
-    prefill_rows: int
-    decode_rows: int
-    duration: float
+def row_plan(row: ScheduledRow) -> RowPlan:
+    """The runner's plain-data view of a scheduled row."""
+    return RowPlan(
+        tokens=row.tokens,
+        start=row.start,
+        blocks=tuple(row.request.blocks),
+        sample=row.sample,
+        logprob_targets=row.logprob_targets,
+    )
 
 
 class Engine:
@@ -80,12 +52,23 @@ class Engine:
         self._clock = clock
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._generators: dict[int, torch.Generator | None] = {}
+        self._scheduled_at: dict[int, float] = {}
+        self._last_cache = scheduler.pool.stats()
 
     @property
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
+    @property
+    def max_batch_total_tokens(self) -> int:
+        """KV cache capacity in tokens (what `/info` reports)."""
+        return self.scheduler.pool.num_blocks * self.scheduler.pool.block_size
+
+    def cache_stats(self) -> BlockStats:
+        return self.scheduler.pool.stats()
+
     def add(self, request: Request) -> None:
+        """Queue a request; ValueError when it can never fit the KV cache."""
         self.scheduler.add(request)
         self._detok[request.id] = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
         self._generators[request.id] = make_generator(request.sampling.seed)
@@ -94,60 +77,70 @@ class Engine:
         if self.scheduler.cancel(request_id) is not None:
             self._forget(request_id)
 
+    def abort_all(self) -> list[int]:
+        """Drop every request; returns the ids of those still open."""
+        aborted = [r.id for r in self.scheduler.abort_all()]
+        self._detok.clear()
+        self._generators.clear()
+        self._scheduled_at.clear()
+        return aborted
+
     def _forget(self, request_id: int) -> None:
         self._detok.pop(request_id, None)
         self._generators.pop(request_id, None)
+        self._scheduled_at.pop(request_id, None)
 
     def _token(self, token: int, text: str, logprob: float) -> TokenInfo:
         return TokenInfo(id=token, text=text, logprob=logprob, special=token in self.special_ids)
 
     def step(self) -> tuple[list[Event], StepStats | None]:
-        """Run one step; returns the events for every row and the step's statistics."""
-        out = self.scheduler.schedule()
-        for request in out.removed:
-            self._forget(request.id)
-        if out.empty:
-            if out.removed:
-                self.runner.execute(StepPlan(keep=(), decode_tokens=(), prompts=(), prompt_logprobs=()))
-            return [], None
+        """Run one step; returns the events for every row and the step's statistics (None when nothing
+        changed). On a single rank a failure ends the affected requests with a `FailureEvent` and the
+        engine goes on; under tensor parallelism (the ranks are out of step) it raises."""
         start = self._clock()
         try:
-            events = self._run(out, start)
-        except torch.OutOfMemoryError as exc:
-            # The one failure a single rank recovers from: fail this batch, keep serving. Anything else (and
-            # any failure under tensor parallelism, where the ranks are out of step) ends the engine.
+            out = self.scheduler.schedule()
+        except Exception as exc:
             if not self.runner.alone:
                 raise
-            self.runner.reset()
-            failed = self.scheduler.abort_all()
+            log.exception("scheduling failed; failing every request")
+            return [FailureEvent(i, _message(exc)) for i in self.abort_all()], None
+        for request in out.removed:
+            self._forget(request.id)
+        if not out.rows:
+            changed = out.removed or out.preempted
+            return [], self._stats(out, start) if changed else None
+        for row in out.rows:
+            self._scheduled_at.setdefault(row.request.id, start)
+        try:
+            result = self.runner.execute(StepPlan(tuple(row_plan(row) for row in out.rows)))
+            self.scheduler.commit(out)
+            events = self._emit(out, result)
+        except Exception as exc:
+            if not self.runner.alone:
+                raise
+            log.exception("engine step failed; failing its %d request(s)", len(out.rows))
+            failed = [row.request for row in out.rows]
+            self.scheduler.fail(failed)
             for request in failed:
                 self._forget(request.id)
-            return [FailureEvent(r.id, f"{type(exc).__name__}: {exc}") for r in failed], None
-        stats = StepStats(
-            queue_size=len(self.scheduler.waiting),
-            batch_size=len(out.rows),
-            batch_tokens=sum(len(r.prompt_ids) + len(r.output_ids) for r in out.rows),
-            prefill_rows=len(out.prefill),
-            decode_rows=len(out.decode),
-            duration=self._clock() - start,
-        )
-        return events, stats
+            return [FailureEvent(r.id, _message(exc)) for r in failed], self._stats(out, start, failed=True)
+        return events, self._stats(out, start)
 
-    def _run(self, out: SchedulerOutput, start: float) -> list[Event]:
-        plan = StepPlan(
-            keep=out.keep,
-            decode_tokens=tuple(r.output_ids[-1] for r in out.decode),
-            prompts=tuple(r.prompt_ids for r in out.prefill),
-            prompt_logprobs=tuple(r.prompt_logprobs for r in out.prefill),
-        )
-        result = self.runner.execute(plan)
-        rows = out.rows
-        contexts = [RowContext(r.sampling, r.prompt_ids, r.output_ids) for r in rows]
-        choices = choose(result.logits, contexts, [self._generators.get(r.id) for r in rows])
+    def _emit(self, out: SchedulerOutput, result: StepLogits) -> list[Event]:
+        """Record prompt log-probs, sample the rows that end a sequence, append, detokenize, stop."""
+        for row, values in zip(out.rows, result.prompt_logprobs, strict=True):
+            if row.logprob_targets:
+                # Positions from `start` on are (re)computed: a recomputed chunk replaces what it covers.
+                del row.request.prompt_logprob_values[row.start :]
+                row.request.prompt_logprob_values.extend(values)
+        sampled = [row.request for row in out.rows if row.sample]
+        if not sampled:
+            return []
+        contexts = [RowContext(r.sampling, r.prompt_ids, r.output_ids) for r in sampled]
+        choices = choose(result.logits, contexts, [self._generators.get(r.id) for r in sampled])
         events: list[Event] = []
-        for i, (request, choice) in enumerate(zip(rows, choices, strict=True)):
-            if request.done:
-                continue
+        for request, choice in zip(sampled, choices, strict=True):
             request.output_ids.append(choice.token)
             detok = self._detok[request.id]
             piece = detok.push(choice.token)
@@ -157,15 +150,41 @@ class Engine:
             if reason is not None:
                 request.finish(reason)
             top = tuple(self._token(t, self.tokenizer.decode([t]), lp) for t, lp in choice.top)
-            first = i >= len(out.decode) and len(request.output_ids) == 1
+            first = len(request.output_ids) == 1
             events.append(
                 TokenEvent(
                     request_id=request.id,
                     token=self._token(choice.token, piece, choice.logprob),
                     top=top,
                     finish_reason=reason,
-                    prompt_logprobs=result.prompt_logprobs[i - len(out.decode)] if first else None,
-                    queued=start - request.arrival if first else None,
+                    prompt_logprobs=(
+                        list(request.prompt_logprob_values) if first and request.prompt_logprobs else None
+                    ),
+                    queued=self._scheduled_at[request.id] - request.arrival if first else None,
                 )
             )
         return events
+
+    def _stats(self, out: SchedulerOutput, start: float, failed: bool = False) -> StepStats:
+        cache = self.scheduler.pool.stats()
+        last, self._last_cache = self._last_cache, cache
+        decode = sum(1 for row in out.rows if row.decode)
+        return StepStats(
+            queue_size=len(self.scheduler.waiting),
+            batch_size=len(self.scheduler.running),
+            rows=len(out.rows),
+            batch_tokens=sum(row.count for row in out.rows),
+            prefill_rows=len(out.rows) - decode,
+            decode_rows=decode,
+            duration=self._clock() - start,
+            kv_tokens=cache.used * cache.block_size,
+            kv_usage=cache.usage,
+            prefix_queries=cache.prefix_queries - last.prefix_queries,
+            prefix_hits=cache.prefix_hits - last.prefix_hits,
+            preemptions=len(out.preempted),
+            failed=failed,
+        )
+
+
+def _message(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

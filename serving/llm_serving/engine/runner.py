@@ -1,132 +1,243 @@
-"""Runs the model for one step: filter the batch, decode the kept rows, prefill new prompts, concatenate.
+"""Runs the model for one step: the scheduled rows as one packed `[1, T]` sequence over the paged KV cache.
 
 Every rank executes the same `StepPlan`; under tensor parallelism rank 0 broadcasts it first.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
-from llm_serving.engine.batch import Batch
+from llm_serving.engine import attention
+from llm_serving.engine.attention import DecodeRows, PagedStep, PrefillRow, Varlen
+from llm_serving.engine.kv_cache import PagedKVCache
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """One row of a step, as plain data (broadcast to the other tensor-parallel ranks as is)."""
+
+    tokens: tuple[int, ...]
+    """Tokens run this step."""
+    start: int
+    """Position of `tokens[0]`."""
+    blocks: tuple[int, ...]
+    """Block table covering positions `[0, start + len(tokens))`."""
+    sample: bool
+    """Return the next-token logits of the last token."""
+    logprob_targets: tuple[int, ...] = ()
+    """Return log p(`targets[j]`) at position `start + j`."""
 
 
 @dataclass(frozen=True)
 class StepPlan:
     """One step, as plain data that can be sent to other ranks."""
 
-    keep: tuple[int, ...]
-    decode_tokens: tuple[int, ...]
-    prompts: tuple[tuple[int, ...], ...]
-    prompt_logprobs: tuple[bool, ...]
+    rows: tuple[RowPlan, ...]
 
 
 @dataclass(frozen=True)
 class StepLogits:
-    """Next-token logits `[rows, V]` (decode rows, then prefill rows) and prompt log-probs when asked."""
+    """Next-token logits `[rows with sample=True, V]` (float32 on CPU, in row order) and, per row, the prompt
+    log-probs asked for (`[]` when none)."""
 
     logits: torch.Tensor
-    prompt_logprobs: tuple[list[float] | None, ...]
+    prompt_logprobs: tuple[list[float], ...]
 
 
-def check_cache_argument(model: Any) -> None:
-    """The runner hands its KV cache over as `cache=` (transformers >= 5.23). Older releases call it
-    `past_key_values` and take `cache=` silently into `**kwargs`: the model would then build a cache of its
-    own and every decode step would see only its new token (wrong tokens, no error). Refuse that here."""
-    parameters = inspect.signature(model.forward).parameters
-    if "cache" not in parameters and "past_key_values" in parameters:
-        import transformers
+@dataclass(frozen=True)
+class _Packed:
+    """A plan's tensors: inputs, attention metadata, and the positions projected to the vocabulary."""
 
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    step: PagedStep
+    keep: torch.Tensor
+    num_sample: int
+    targets: torch.Tensor
+
+
+def _varlen(plan: StepPlan, block_size: int, device: torch.device) -> Varlen:
+    lengths = [len(r.tokens) for r in plan.rows]
+    kv = [r.start + len(r.tokens) for r in plan.rows]
+    width = max(-(-n // block_size) for n in kv)
+    table = [list(r.blocks[:width]) + [0] * (width - len(r.blocks[:width])) for r in plan.rows]
+
+    def cumulative(values: list[int]) -> torch.Tensor:
+        return torch.tensor([0, *values], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+
+    return Varlen(
+        cu_seq_q=cumulative(lengths),
+        cu_seq_k=cumulative(kv),
+        seqused_k=torch.tensor(kv, dtype=torch.int32).to(device),
+        block_table=torch.tensor(table, dtype=torch.int32).to(device),
+        max_q=max(lengths),
+        max_k=max(kv),
+    )
+
+
+def group_by_length(blocks: list[int], waste: float = 2.0) -> list[list[int]]:
+    """Indices of rows needing `blocks[i]` blocks, grouped so that each group, padded to its longest row,
+    gathers at most `waste` times the blocks its rows need (a long row does not pad the short ones)."""
+    order = sorted(range(len(blocks)), key=lambda i: -blocks[i])
+    groups: list[list[int]] = []
+    used = 0
+    for i in order:
+        if groups and blocks[groups[-1][0]] * (len(groups[-1]) + 1) <= waste * (used + blocks[i]):
+            groups[-1].append(i)
+            used += blocks[i]
+        else:
+            groups.append([i])
+            used = blocks[i]
+    return groups
+
+
+def _decode_rows(
+    rows: list[tuple[int, int, tuple[int, ...]]], device: torch.device
+) -> tuple[DecodeRows, ...]:
+    """(packed offset, position, blocks) of each one-token row, as groups of similar lengths."""
+    groups = []
+    for group in group_by_length([len(rows[i][2]) for i in range(len(rows))]):
+        width = len(rows[group[0]][2])
+        padded = [rows[i][2] + (0,) * (width - len(rows[i][2])) for i in group]
+        groups.append(
+            DecodeRows(
+                tokens=torch.tensor([rows[i][0] for i in group], dtype=torch.long).to(device),
+                blocks=torch.tensor(padded, dtype=torch.long).flatten().to(device),
+                positions=torch.tensor([[rows[i][1]] for i in group], dtype=torch.long).to(device),
+                max_blocks=width,
+            )
+        )
+    return tuple(groups)
+
+
+def pack(plan: StepPlan, cache: PagedKVCache, device: torch.device, cuda_kernel: bool = False) -> _Packed:
+    """Every tensor of a step, built once (not per layer): ids, positions, slot mapping, block tables."""
+    bs = cache.block_size
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    decode: list[tuple[int, int, tuple[int, ...]]] = []
+    prefills: list[tuple[int, int, int, tuple[int, ...]]] = []
+    sample_at: list[int] = []
+    logprob_at: list[int] = []
+    targets: list[int] = []
+    for row in plan.rows:
+        offset, count = len(ids), len(row.tokens)
+        end = row.start + count
+        blocks = row.blocks[: -(-end // bs)]
+        if not count or len(blocks) * bs < end:
+            raise ValueError(f"a row of {count} tokens up to position {end} with {len(row.blocks)} blocks")
+        ids.extend(row.tokens)
+        span = range(row.start, end)
+        positions.extend(span)
+        slots.extend(blocks[p // bs] * bs + p % bs for p in span)
+        if count == 1:
+            decode.append((offset, row.start, blocks))
+        else:
+            prefills.append((offset, count, row.start, blocks))
+        if row.sample:
+            sample_at.append(offset + count - 1)
+        logprob_at.extend(range(offset, offset + len(row.logprob_targets)))
+        targets.extend(row.logprob_targets)
+    cache.prepare({0, *(b for row in plan.rows for b in row.blocks)})  # block 0 pads short block tables
+    step = PagedStep(
+        cache=cache,
+        slots=torch.tensor(slots, dtype=torch.long).to(device),
+        decode=_decode_rows(decode, device),
+        prefills=tuple(
+            PrefillRow(offset=o, count=c, start=s, blocks=torch.tensor(b, dtype=torch.long).to(device))
+            for o, c, s, b in prefills
+        ),
+        varlen=_varlen(plan, bs, device) if cuda_kernel else None,
+    )
+    return _Packed(
+        input_ids=torch.tensor([ids], dtype=torch.long).to(device),
+        position_ids=torch.tensor([positions], dtype=torch.long).to(device),
+        step=step,
+        keep=torch.tensor(sample_at + logprob_at, dtype=torch.long).to(device),
+        num_sample=len(sample_at),
+        targets=torch.tensor(targets, dtype=torch.long).to(device),
+    )
+
+
+@contextmanager
+def _attention_implementation(model: Any, name: str) -> Iterator[None]:
+    """Run the model with attention `name`, restoring its own afterwards (so `generate` keeps working)."""
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = previous
+
+
+def check_attention_backend(model: Any) -> None:
+    """The runner's attention reaches the model through transformers' `AttentionInterface`. A model whose code
+    does not dispatch through it would ignore the paged attention and attend across the whole packed sequence
+    (wrong tokens, no error): refuse it here."""
+    if not getattr(model, "_supports_attention_backend", False):
         raise RuntimeError(
-            f"{type(model).__name__}.forward has no `cache` argument (transformers "
-            f"{transformers.__version__}); llm_serving needs transformers >= 5.23"
+            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface; "
+            "llm_serving cannot run it over its paged KV cache"
         )
 
 
 class ModelRunner:
-    """Owns the model and the running batch's KV cache on one rank."""
+    """Owns the model and this rank's share of the paged KV cache."""
 
-    def __init__(self, model: Any, broadcast: Callable[[StepPlan | None], None] | None = None) -> None:
-        check_cache_argument(model)
+    def __init__(
+        self, model: Any, cache: PagedKVCache, broadcast: Callable[[StepPlan | None], None] | None = None
+    ) -> None:
         self.model = model
+        self.cache = cache
         self.device = next(model.parameters()).device
-        self.batch: Batch | None = None
         self._broadcast = broadcast
-
-    def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache, keep: int
-    ) -> Any:
-        return self.model(
-            input_ids=ids.to(self.device),
-            attention_mask=mask,
-            position_ids=pos,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=keep,
-        )
-
-    def _prefill(self, plan: StepPlan) -> tuple[Batch, torch.Tensor, tuple[list[float] | None, ...]]:
-        width = max(len(p) for p in plan.prompts)
-        ids = torch.zeros((len(plan.prompts), width), dtype=torch.long)
-        mask = torch.zeros((len(plan.prompts), width), dtype=torch.long)
-        for i, prompt in enumerate(plan.prompts):
-            ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[i, width - len(prompt) :] = 1
-        mask = mask.to(self.device)
-        pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        want = any(plan.prompt_logprobs)
-        out = self._forward(ids, mask, pos, cache, 0 if want else 1)
-        logits = out.logits[:, -1, :].float()
-        logprobs: list[list[float] | None] = []
-        for i, prompt in enumerate(plan.prompts):
-            if not plan.prompt_logprobs[i]:
-                logprobs.append(None)
-                continue
-            row = out.logits[i, width - len(prompt) : width - 1].float().log_softmax(dim=-1)
-            target = torch.tensor(prompt[1:], dtype=torch.long, device=row.device).unsqueeze(1)
-            logprobs.append(row.gather(1, target).squeeze(1).tolist())
-        return Batch(cache=cache, mask=mask), logits, tuple(logprobs)
-
-    def _decode(self, batch: Batch, tokens: tuple[int, ...]) -> torch.Tensor:
-        pos = batch.mask.sum(dim=1, keepdim=True)
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.size, 1))], dim=1)
-        ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
-        out = self._forward(ids, batch.mask, pos, batch.cache, 1)
-        logits: torch.Tensor = out.logits[:, -1, :].float()
-        return logits
+        self._cuda_kernel = attention.cuda_kernel_applies(cache)
+        check_attention_backend(model)
 
     def execute(self, plan: StepPlan) -> StepLogits:
         """Run one step on this rank (broadcasting the plan first on rank 0 of a TP group)."""
         if self._broadcast is not None:
             self._broadcast(plan)
-        with torch.inference_mode():
-            batch = self.batch.filter(plan.keep) if self.batch is not None else None
-            parts: list[torch.Tensor] = []
-            if batch is not None:
-                parts.append(self._decode(batch, plan.decode_tokens))
-            prompt_logprobs: tuple[list[float] | None, ...] = ()
-            if plan.prompts:
-                new, logits, prompt_logprobs = self._prefill(plan)
-                parts.append(logits)
-                batch = Batch.concat(batch, new)
-            self.batch = batch
-            logits = torch.cat(parts, dim=0).cpu() if parts else torch.empty(0)
+        if not plan.rows:
+            return StepLogits(logits=torch.empty(0, 0), prompt_logprobs=())
+        with torch.inference_mode(), _attention_implementation(self.model, attention.NAME):
+            packed = pack(plan, self.cache, self.device, self._cuda_kernel)
+            out = self.model(
+                input_ids=packed.input_ids,
+                position_ids=packed.position_ids,
+                use_cache=False,
+                logits_to_keep=packed.keep,
+                paged_step=packed.step,
+            )
+            kept = out.logits[0].float()
+            logits = kept[: packed.num_sample].cpu()
+            prompt_logprobs = self._prompt_logprobs(plan, kept[packed.num_sample :], packed.targets)
         return StepLogits(logits=logits, prompt_logprobs=prompt_logprobs)
+
+    @staticmethod
+    def _prompt_logprobs(
+        plan: StepPlan, logits: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[list[float], ...]:
+        if not targets.numel():
+            return tuple([] for _ in plan.rows)
+        values = logits.log_softmax(dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        out: list[list[float]] = []
+        for row in plan.rows:
+            n = len(row.logprob_targets)
+            out.append(values[:n])
+            values = values[n:]
+        return tuple(out)
 
     @property
     def alone(self) -> bool:
         """Whether this runner has no tensor-parallel peers."""
         return self._broadcast is None
-
-    def reset(self) -> None:
-        """Drop the batch after a failed step (a runner without peers only)."""
-        self.batch = None
 
     def shutdown(self) -> None:
         """Tell the other ranks to leave their loop."""

@@ -10,11 +10,12 @@ from contextlib import aclosing
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from llm_serving import render_openai
+from llm_serving import openai_bodies
 from llm_serving.errors import ServingError, TemplateError, ValidationError
 from llm_serving.http.io import EventStream, read_json, sse_data, until_disconnect
 from llm_serving.http.state import AppState
 from llm_serving.protocol.openai import ChatRequest, CompletionRequest
+from llm_serving.sampling.params import FrequencyRule
 from llm_serving.service import GenerationService
 from llm_serving.validation import ValidRequest
 
@@ -49,10 +50,10 @@ async def _chat_events(
         want = bool(body.logprobs)
         async with aclosing(service.stream(valid)) as items:
             async for item in items:
-                yield sse_data(render_openai.chat_chunk(item.event, model, created, want))
+                yield sse_data(openai_bodies.chat_chunk(item.event, model, created, want))
                 if item.final is not None and body.stream_options and body.stream_options.include_usage:
-                    use = render_openai.usage(len(valid.input_ids), len(item.final.tokens))
-                    yield sse_data(render_openai.chat_chunk(None, model, created, want, use))
+                    use = openai_bodies.usage(len(valid.input_ids), len(item.final.tokens))
+                    yield sse_data(openai_bodies.chat_chunk(None, model, created, want, use))
     except ServingError as exc:
         yield sse_data(exc.openai_stream_body())
     yield sse_data("[DONE]")
@@ -64,7 +65,13 @@ def _validate_chat(service: GenerationService, body: ChatRequest) -> ValidReques
     if body.response_format is not None and body.response_format.get("type") not in (None, "text"):
         raise ValidationError("grammar is not supported")
     prompt = _chat_prompt(service, body)
-    return service.validate(prompt, body.parameters(), stream=body.stream, add_special_tokens=False)
+    return service.validate(
+        prompt,
+        body.parameters(),
+        stream=body.stream,
+        add_special_tokens=False,
+        frequency_rule=FrequencyRule.OPENAI,
+    )
 
 
 async def chat_completions(request: Request) -> Response:
@@ -76,7 +83,7 @@ async def chat_completions(request: Request) -> Response:
         return EventStream(_chat_events(service, body, model, created))
     valid = await service.off_loop(lambda: _validate_chat(service, body))
     result = await until_disconnect(request, service.generate(valid))
-    return JSONResponse(render_openai.chat_completion(result, model, created, bool(body.logprobs)))
+    return JSONResponse(openai_bodies.chat_completion(result, model, created, bool(body.logprobs)))
 
 
 def _validate_completion(
@@ -91,7 +98,9 @@ def _validate_completion(
             f"Given: {len(prompts)}"
         )
     params = body.parameters()
-    return [service.validate(p, params, stream=body.stream) for p in prompts]
+    return [
+        service.validate(p, params, stream=body.stream, frequency_rule=FrequencyRule.OPENAI) for p in prompts
+    ]
 
 
 async def _completion_events(
@@ -104,8 +113,8 @@ async def _completion_events(
                 async for item in items:
                     use = None
                     if item.final is not None:
-                        use = render_openai.usage(len(valid.input_ids), len(item.final.tokens))
-                    yield sse_data(render_openai.completion_chunk(index, item.event, model, created, use))
+                        use = openai_bodies.usage(len(valid.input_ids), len(item.final.tokens))
+                    yield sse_data(openai_bodies.completion_chunk(index, item.event, model, created, use))
     except ServingError as exc:
         yield sse_data(exc.openai_stream_body())
     yield sse_data("[DONE]")
@@ -121,8 +130,8 @@ async def completions(request: Request) -> Response:
     valids = await service.off_loop(lambda: _validate_completion(state, service, body))
     work = asyncio.gather(*(service.generate(v) for v in valids))
     results = await until_disconnect(request, work)
-    return JSONResponse(render_openai.completion(list(results), model, created))
+    return JSONResponse(openai_bodies.completion(list(results), model, created))
 
 
 async def models(request: Request) -> Response:
-    return JSONResponse(render_openai.model_list(_state(request).model.model_id))
+    return JSONResponse(openai_bodies.model_list(_state(request).model.model_id))

@@ -1,4 +1,4 @@
-"""TGI routes: parse, call the service, render. Errors become responses in one place."""
+"""TGI routes: parse, call the service, build the body. Errors become responses in one place."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from llm_serving import render_tgi
-from llm_serving.errors import ServingError
+from llm_serving import tgi_bodies
+from llm_serving.errors import HealthCheckError, ServingError
 from llm_serving.http.io import EventStream, read_json, sse_data, until_disconnect
 from llm_serving.http.state import AppState
 from llm_serving.protocol.tgi import CompatGenerateRequest, GenerateRequest, Info
@@ -36,10 +36,10 @@ async def _generate(request: Request, body: GenerateRequest, *, compat: bool) ->
     service = state.ready_service()
     valid = await service.off_loop(lambda: service.validate(body.inputs, body.parameters, stream=False))
     result = await until_disconnect(request, service.generate(valid))
-    payload = render_tgi.generate_response(
+    payload = tgi_bodies.generate_response(
         result, service.tokenizer.decode, _full_text(state, body, compat=compat)
     )
-    headers = render_tgi.timing_headers(result)
+    headers = tgi_bodies.timing_headers(result)
     return JSONResponse([payload] if compat else payload, headers=headers)
 
 
@@ -54,7 +54,7 @@ async def _token_events(
             index = 0
             async for item in items:
                 index += 1
-                yield sse_data(render_tgi.stream_response(valid, item, index, full))
+                yield sse_data(tgi_bodies.stream_response(valid, item, index, full))
     except ServingError as exc:
         yield sse_data(exc.body())
 
@@ -91,7 +91,7 @@ async def tokenize(request: Request) -> Response:
 
 async def info(request: Request) -> Response:
     state = _state(request)
-    limits = state.limits
+    limits = state.limits if state.service is None else state.service.limits
     body: Info = {
         "model_id": state.model.model_id,
         "model_sha": state.model.model_sha,
@@ -101,6 +101,7 @@ async def info(request: Request) -> Response:
         "max_stop_sequences": limits.max_stop_sequences,
         "max_input_tokens": limits.max_input_tokens,
         "max_total_tokens": limits.max_total_tokens,
+        "max_batch_total_tokens": limits.max_batch_total_tokens,
         "validation_workers": limits.validation_workers,
         "max_client_batch_size": limits.max_client_batch_size,
         "router": "llm-serving",
@@ -116,9 +117,9 @@ async def health(request: Request) -> Response:
     503 otherwise (for good once the engine has failed, so that the kubelet restarts the pod)."""
     state = _state(request)
     if state.service is None or state.draining or state.service.failure is not None:
-        return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
+        raise HealthCheckError()
     return Response(status_code=200)
 
 
 async def metrics(request: Request) -> Response:
-    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(_state(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

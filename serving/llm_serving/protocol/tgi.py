@@ -138,6 +138,8 @@ class Info(TypedDict):
     max_stop_sequences: int
     max_input_tokens: int
     max_total_tokens: int
+    max_batch_total_tokens: int | None
+    """KV cache capacity in tokens (null until the cache is sized, when it is computed from free memory)."""
     validation_workers: int
     max_client_batch_size: int
     router: str

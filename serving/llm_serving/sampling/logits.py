@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llm_serving.sampling.params import SamplingParams
+from llm_serving.sampling.params import FrequencyRule, SamplingParams
 
 WATERMARK_GAMMA = 0.5
 WATERMARK_DELTA = 2.0
@@ -67,16 +67,26 @@ def repetition_penalty(logits: torch.Tensor, rows: Sequence[RowContext]) -> None
     logits[idx] = sub.scatter(1, ids, score)
 
 
+def _frequency_counted(row: RowContext) -> tuple[list[int], int]:
+    """The tokens a row's frequency penalty counts, and what each count is divided by (`FrequencyRule`)."""
+    if row.params.frequency_rule is FrequencyRule.TGI:
+        tokens = [*row.prompt_ids, *row.output_ids]
+        return tokens, max(1, len(tokens))
+    return list(row.output_ids), 1
+
+
 def frequency_penalty(logits: torch.Tensor, rows: Sequence[RowContext]) -> None:
-    """OpenAI-style: subtract `penalty * count` for each token already generated."""
+    """Subtract `penalty * count / divisor` from each token's logit, as the row's `FrequencyRule` says."""
     idx = _select(rows, lambda p: p.frequency_penalty != 0.0)
     if not idx:
         return
-    ids, mask = _pad([list(rows[i].output_ids) for i in idx])
+    counted = [_frequency_counted(rows[i]) for i in idx]
+    ids, mask = _pad([tokens for tokens, _ in counted])
     counts = torch.zeros((len(idx), logits.shape[-1]), dtype=logits.dtype)
     counts.scatter_add_(1, ids, mask.to(logits.dtype))
+    counts /= torch.tensor([divisor for _, divisor in counted], dtype=logits.dtype).unsqueeze(1)
     penalty = torch.tensor([rows[i].params.frequency_penalty for i in idx], dtype=logits.dtype).unsqueeze(1)
-    logits[idx] = logits[idx] - penalty * counts
+    logits[idx] = logits[idx] - counts * penalty
 
 
 def penalize(logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:

@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
+
+
+class FrequencyRule(Enum):
+    """What `frequency_penalty` subtracts from a token's logit; the API a request came through decides.
+
+    TGI: `penalty * count / length`, counted over the prompt and the output, `length` their total (TGI's
+    `HeterogeneousFrequencyPenaltyLogitsProcessor`, for a row on its own). OpenAI: `penalty * count`,
+    counted over the output only.
+    """
+
+    TGI = "tgi"
+    OPENAI = "openai"
 
 
 @dataclass(frozen=True)
@@ -16,13 +29,14 @@ class SamplingParams:
     typical_p: float = 1.0
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
+    frequency_rule: FrequencyRule = FrequencyRule.TGI
     watermark: bool = False
     seed: int | None = None
     top_n_tokens: int = 0
 
     @property
     def warps(self) -> bool:
-        """Whether a sampling warper (temperature, top-k/p, typical-p) is active."""
+        """Whether a sampling warper (temperature, top-k/p, typical-p) differs from its neutral value."""
         return self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0 or self.typical_p < 1.0
 
 

@@ -25,10 +25,28 @@ def make_generator(seed: int | None) -> torch.Generator | None:
 
 
 def _top(ids: torch.Tensor, logprobs: torch.Tensor, n: int) -> tuple[tuple[int, float], ...]:
-    """The first `n` alternatives; a token a warper removed (-inf) gets the lowest finite float32, so that
-    the answer stays valid JSON."""
-    finite = logprobs[:n].clamp(min=torch.finfo(logprobs.dtype).min)
-    return tuple((int(i), float(lp)) for i, lp in zip(ids[:n].tolist(), finite.tolist(), strict=True))
+    """TGI's top tokens of one row, from its descending `logprobs` (the distribution the token is chosen
+    from): the `n` most likely and any tied with the n-th; a token a warper removed (-inf) is never listed."""
+    if n == 0:
+        return ()
+    nth = logprobs[min(n, logprobs.shape[-1]) - 1]
+    keep = int(((logprobs >= nth) & logprobs.isfinite()).sum())
+    return tuple(
+        (int(i), float(lp)) for i, lp in zip(ids[:keep].tolist(), logprobs[:keep].tolist(), strict=True)
+    )
+
+
+def _descending(logprobs: torch.Tensor, ns: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most likely tokens of each row, sorted, as many as row `i` needs for `ns[i]` top tokens and
+    their ties (at least one: the greedy choice)."""
+    k = min(max(1, *ns), logprobs.shape[-1])
+    values, ids = logprobs.topk(k, dim=-1)
+    if not any(ns):
+        return values, ids
+    nth = values.gather(1, (torch.tensor(ns) - 1).clamp(0, k - 1).unsqueeze(1))
+    nth = nth.clamp(min=torch.finfo(logprobs.dtype).min)
+    width = int((logprobs >= nth).sum(dim=-1).max())
+    return logprobs.topk(width, dim=-1) if width > values.shape[-1] else (values, ids)
 
 
 def choose(
@@ -40,21 +58,24 @@ def choose(
     greedy = [i for i, r in enumerate(rows) if not r.params.do_sample]
     if greedy:
         logprobs = scores[greedy].log_softmax(dim=-1)
-        max_n = max(rows[i].params.top_n_tokens for i in greedy)
-        top_vals, top_ids = logprobs.topk(max(1, max_n), dim=-1)
+        ns = [rows[i].params.top_n_tokens for i in greedy]
+        top_vals, top_ids = _descending(logprobs, ns)
         for j, i in enumerate(greedy):
-            token = int(top_ids[j, 0])
-            top = _top(top_ids[j], top_vals[j], rows[i].params.top_n_tokens)
-            choices[i] = Choice(token=token, logprob=float(top_vals[j, 0]), top=top)
+            top = _top(top_ids[j], top_vals[j], ns[j])
+            choices[i] = Choice(token=int(top_ids[j, 0]), logprob=float(top_vals[j, 0]), top=top)
     sampled = [i for i, r in enumerate(rows) if r.params.do_sample]
     if sampled:
         params = [rows[i].params for i in sampled]
         values, ids = candidates(scores[sampled], params)
         logprobs = warp(values, params).log_softmax(dim=-1)
         cumulative = logprobs.exp().cumsum(dim=-1)
+        ns = [p.top_n_tokens for p in params]
+        # Typical-p can remove likelier candidates than the ones it keeps: sort again for the top tokens.
+        top_vals, columns = _descending(logprobs, ns)
+        top_ids = ids.gather(1, columns)
         for j, i in enumerate(sampled):
             u = torch.rand((), generator=generators[i]) * cumulative[j, -1]
             pick = min(int(torch.searchsorted(cumulative[j], u, right=True)), cumulative.shape[-1] - 1)
-            top = _top(ids[j], logprobs[j], rows[i].params.top_n_tokens)
+            top = _top(top_ids[j], top_vals[j], ns[j])
             choices[i] = Choice(token=int(ids[j, pick]), logprob=float(logprobs[j, pick]), top=top)
     return [choices[i] for i in range(len(rows))]

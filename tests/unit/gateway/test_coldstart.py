@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from llm_operator.gateway.coldstart import ColdStart, pod_timestamps
+from llm_operator.gateway.coldstart import ColdStart, ColdStarts, pod_timestamps
 
 BEGAN = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC).timestamp()
 
@@ -62,3 +62,26 @@ def test_phases_are_seconds_since_the_first_held_request_and_marked_once() -> No
         "trigger 0.05s, scheduled 1.00s, process_started 3.00s, model_loaded 31.00s, "
         "ready 31.50s, first_byte 31.70s"
     )
+
+
+def test_one_wake_per_endpoint_is_timed_from_its_first_held_request_to_its_first_byte() -> None:
+    key, other = ("ml", "falcon"), ("ml", "llama")
+    starts = ColdStarts()
+    cold = starts.begin(key, BEGAN, 100.0)
+    assert starts.begin(key, BEGAN + 5, 105.0) is cold  # a later held request joins the same wake
+    starts.mark(key, "trigger", 100.2)
+    starts.mark(other, "trigger", 100.3)  # no wake under way there: nothing to mark
+    assert starts.first_byte(key, cold, 131.0)
+    assert not starts.first_byte(key, cold, 132.0)  # closed once, by whichever held request is first
+    assert cold.marks == pytest.approx({"trigger": 0.2, "first_byte": 31.0})
+    assert starts.begin(key, BEGAN + 60, 160.0) is not cold  # the next scale from zero is a new wake
+
+
+def test_an_abandoned_wake_is_never_reported() -> None:
+    key = ("ml", "falcon")
+    starts = ColdStarts()
+    cold = starts.begin(key, BEGAN, 100.0)
+    starts.abandon(key)
+    starts.mark(key, "trigger", 100.2)
+    assert not starts.first_byte(key, cold, 131.0)
+    assert cold.marks == {}

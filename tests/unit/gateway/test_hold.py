@@ -6,7 +6,9 @@ import asyncio
 
 import pytest
 
+from llm_operator.errors import OperatorError
 from llm_operator.gateway.hold import (
+    EndpointDeleted,
     HoldLimits,
     Holds,
     InvalidTimeoutHeader,
@@ -15,7 +17,8 @@ from llm_operator.gateway.hold import (
     client_key,
     hold_timeout,
 )
-from llm_operator.gateway.routing import Key
+from llm_operator.gateway.routing import Route
+from llm_operator.objects import Key
 
 KEY = ("ml", "falcon")
 
@@ -28,7 +31,7 @@ class FakeWake:
     async def __call__(self, key: Key) -> None:
         self.calls.append(key)
         if self.fail:
-            raise RuntimeError("API down")
+            raise OperatorError("API down")
 
 
 class Clock:
@@ -179,3 +182,64 @@ async def test_the_total_over_endpoints_is_bounded() -> None:
     for name in ("b", "c"):
         holds.set_ready(("ml", name), True)
     await asyncio.gather(waiters[1], third)
+
+
+class Table:
+    """The routing table's view of one endpoint, as `Holds.until_ready` re-reads it."""
+
+    def __init__(self, route: Route | None) -> None:
+        self.route = route
+
+    def __call__(self) -> Route | None:
+        return self.route
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def test_a_held_request_gets_the_route_once_a_replica_is_ready() -> None:
+    holds, table = Holds(HoldLimits(), FakeWake(), Clock()), Table(Route(*KEY))
+    held = asyncio.create_task(holds.until_ready(KEY, table, 1060.0, "peer:a", _nothing, 3600))
+    await _settle()
+    assert holds.waiting(KEY) == 1
+    table.route = Route(*KEY, addresses=("10.0.0.1:8080",))
+    holds.set_ready(KEY, True)
+    assert await held == table.route
+    assert holds.waiting(KEY) == 0
+
+
+async def test_a_held_request_is_kept_alive_while_it_waits() -> None:
+    holds, table = Holds(HoldLimits(), FakeWake(), Clock()), Table(Route(*KEY))
+    sent: list[bool] = []
+
+    async def keepalive() -> None:
+        sent.append(holds.waiting(KEY) == 1)
+        if len(sent) == 3:
+            table.route = Route(*KEY, addresses=("10.0.0.1:8080",))
+            holds.set_ready(KEY, True)
+
+    route = await holds.until_ready(KEY, table, 1060.0, "peer:a", keepalive, 0)
+    assert route.addresses == ("10.0.0.1:8080",)
+    assert sent[:3] == [True, True, True]  # sent while held (one more may go before the release is seen)
+    assert holds.waiting(KEY) == 0
+
+
+async def test_a_request_held_for_a_deleted_endpoint_is_refused_404() -> None:
+    holds, table = Holds(HoldLimits(), FakeWake(), Clock()), Table(Route(*KEY))
+    held = asyncio.create_task(holds.until_ready(KEY, table, 1060.0, "peer:a", _nothing, 3600))
+    await _settle()
+    table.route = None
+    holds.forget(KEY)
+    with pytest.raises(EndpointDeleted) as caught:
+        await held
+    assert (caught.value.status, caught.value.error_type) == (404, "not_found")
+    assert str(caught.value) == "endpoint ml/falcon was deleted"
+
+
+async def test_the_hold_deadline_is_on_the_holds_clock() -> None:
+    clock = Clock()
+    holds = Holds(HoldLimits(), FakeWake(), clock)
+    with pytest.raises(WakeTimeout):
+        await holds.until_ready(KEY, Table(Route(*KEY)), clock.now, "peer:a", _nothing, 3600)
+    assert holds.waiting(KEY) == 0

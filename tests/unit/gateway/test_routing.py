@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from llm_operator.gateway.proxy import BadRequest
+from llm_operator.gateway.errors import BadRequest
 from llm_operator.gateway.routing import (
     EndpointEntry,
     Route,

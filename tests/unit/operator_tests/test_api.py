@@ -7,7 +7,8 @@ from datetime import timedelta
 import pydantic
 import pytest
 
-from llm_operator.api.v1alpha1 import LLMEndpointSpec, parse_duration
+from llm_operator.api.v1alpha1 import LLMEndpointSpec, parse_duration, parse_endpoint
+from llm_operator.errors import InvalidEndpointError
 from tests.unit.operator_tests.factories import endpoint
 
 
@@ -58,3 +59,11 @@ def test_round_trip_by_alias() -> None:
     assert dumped["scaling"]["minReplicas"] == 1
     assert dumped["model"]["tokenSecretRef"] == {"name": "hf", "key": "token"}
     assert LLMEndpointSpec.model_validate(dumped) == spec
+
+
+def test_a_stored_endpoint_that_does_not_parse_is_an_invalid_endpoint() -> None:
+    stored = endpoint().model_dump(by_alias=True, mode="json")
+    assert parse_endpoint(stored) == endpoint()
+    stored["spec"]["replicas"] = 3
+    with pytest.raises(InvalidEndpointError, match="stored LLMEndpoint does not parse"):
+        parse_endpoint(stored)

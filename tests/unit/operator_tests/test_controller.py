@@ -6,15 +6,9 @@ import json
 import logging
 
 from llm_operator.controller import MAX_DELAY, retry_delay
-from llm_operator.errors import (
-    APIUnavailableError,
-    ConflictError,
-    InvalidEndpointError,
-    InvalidObjectError,
-    NotFoundError,
-    api_error,
-)
+from llm_operator.errors import InvalidEndpointError
 from llm_operator.handlers import may_have_drifted, only_ours
+from llm_operator.kube import APIUnavailableError, ConflictError, InvalidObjectError, NotFoundError, api_error
 from llm_operator.logs import JsonFormatter
 from llm_operator.settings import Settings
 

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from llm_operator.leader import lease_action, micro_time
+from llm_operator.leader import lease_action
+from llm_operator.objects import rfc3339_micro
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 
 def lease(holder: str, renewed: datetime, seconds: int = 15) -> dict[str, object]:
     return {
-        "spec": {"holderIdentity": holder, "renewTime": micro_time(renewed), "leaseDurationSeconds": seconds}
+        "spec": {
+            "holderIdentity": holder,
+            "renewTime": rfc3339_micro(renewed),
+            "leaseDurationSeconds": seconds,
+        }
     }
 
 
@@ -33,7 +38,3 @@ def test_expired_lease_is_taken() -> None:
 
 def test_released_lease_is_taken_at_once() -> None:
     assert lease_action(lease("", NOW), "me", NOW) == "take"
-
-
-def test_micro_time_format() -> None:
-    assert micro_time(NOW) == "2026-01-01T12:00:00.000000Z"

@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 from llm_operator.apikey import key_hash
+from llm_operator.contract import AUTOSCALER_FIELD_MANAGER, ENDPOINT_LABEL
 from llm_operator.render import render, replica_correction
-from llm_operator.settings import AUTOSCALER_FIELD_MANAGER, ENDPOINT_LABEL, Settings
+from llm_operator.settings import Settings
 from tests.unit.operator_tests.factories import endpoint
 
 SETTINGS = Settings(image="serving:test", gateway_url="http://gw.example", system_namespace="llm-system")
@@ -75,7 +76,7 @@ def test_repository_revision_and_dtype_become_flags() -> None:
     assert flag(args, "--model") == "org/m"
     assert flag(args, "--revision") == "v1.0"
     assert flag(args, "--dtype") == "bfloat16"
-    assert flag(args, "--port") == "8080"
+    assert flag(args, "--port") == "3000"
 
 
 def test_revision_flag_absent_when_unset() -> None:
@@ -275,7 +276,7 @@ def test_access_modes_and_network_policy() -> None:
     assert "NetworkPolicy" not in public
     assert "llm-endpoints.io/api-key-secret" not in public["Service"]["metadata"]["annotations"]
     protected = children({"access": "protected"})["NetworkPolicy"]["spec"]
-    assert protected["ingress"] == [{"from": [GATEWAY_PODS], "ports": [{"port": 8080, "protocol": "TCP"}]}]
+    assert protected["ingress"] == [{"from": [GATEWAY_PODS], "ports": [{"port": 3000, "protocol": "TCP"}]}]
     private = children({"access": "private"})["NetworkPolicy"]["spec"]
     assert private["ingress"][0]["from"] == [GATEWAY_PODS, {"podSelector": {}}]
     assert private["podSelector"] == {"matchLabels": {ENDPOINT_LABEL: "falcon"}}

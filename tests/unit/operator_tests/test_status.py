@@ -7,10 +7,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from llm_operator import apply
 from llm_operator.api.v1alpha1 import LLMEndpoint, LLMEndpointStatus
 from llm_operator.apikey import key_hash, published_key
-from llm_operator.status import announcement, compute_status, wake_due, wake_requested
+from llm_operator.status import announcement, compute_status, status_patch, wake_due, wake_requested
 from tests.unit.operator_tests.factories import deployment, endpoint, pod
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -288,10 +287,10 @@ def test_gateway_and_key_fields_carried_and_only_the_operators_written() -> None
     result = status(endpoint({"access": "protected"}, status=stored), deployment(1, 1), [pod(ready=True)])
     assert result.wake_requested_at == datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
     assert result.api_key_hash == stored["apiKeyHash"]
-    written = apply.status_patch(result)
+    written = status_patch(result)
     assert "wakeRequestedAt" not in written  # the gateway's field: a merge patch leaves it as it is
     assert written["wakeAcknowledged"] == stored["wakeAcknowledged"]  # microseconds round-trip
-    assert apply.status_patch(result.model_copy(update={"api_key_hash": None}))["apiKeyHash"] is None
+    assert status_patch(result.model_copy(update={"api_key_hash": None}))["apiKeyHash"] is None
 
 
 def test_published_key_from_the_endpoints_secret() -> None:

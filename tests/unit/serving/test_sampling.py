@@ -8,7 +8,7 @@ import torch
 
 from llm_serving.engine.request import FinishReason
 from llm_serving.sampling.logits import RowContext, candidates, penalize, top_p, typical_p
-from llm_serving.sampling.params import SamplingParams, StoppingParams
+from llm_serving.sampling.params import FrequencyRule, SamplingParams, StoppingParams
 from llm_serving.sampling.sampler import choose, make_generator
 from llm_serving.sampling.stopping import check_stop
 
@@ -24,9 +24,30 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative() -> None:
     assert out[0].tolist() == [1.0, 1.0, 0.5, -2.0, -3.0]
 
 
-def test_frequency_penalty_counts_output_only() -> None:
+def test_frequency_penalty_tgi_counts_prompt_and_output_over_their_length() -> None:
+    """TGI: `penalty * count / len(prompt + output)`; here counts 2, 1, 1 over 4 tokens."""
     out = penalize(LOGITS, [row(prompt=(1,), output=(0, 0, 2), frequency_penalty=0.5)])
+    assert out[0].tolist() == [1.75, 0.875, 0.375, -1.0, -3.0]
+    rewarded = penalize(LOGITS, [row(prompt=(1,), output=(0, 0, 2), frequency_penalty=-2.0)])
+    assert rewarded[0].tolist() == [3.0, 1.5, 1.0, -1.0, -3.0]
+
+
+def test_frequency_penalty_openai_counts_output_only() -> None:
+    out = penalize(
+        LOGITS,
+        [row(prompt=(1,), output=(0, 0, 2), frequency_penalty=0.5, frequency_rule=FrequencyRule.OPENAI)],
+    )
     assert out[0].tolist() == [1.0, 1.0, 0.0, -1.0, -3.0]
+
+
+def test_frequency_rules_mix_in_one_batch() -> None:
+    rows = [
+        row(prompt=(1,), output=(0,), frequency_penalty=1.0),
+        row(prompt=(1,), output=(0,), frequency_penalty=1.0, frequency_rule=FrequencyRule.OPENAI),
+    ]
+    out = penalize(LOGITS.repeat(2, 1), rows)
+    assert out[0].tolist() == [1.5, 0.5, 0.5, -1.0, -3.0]
+    assert out[1].tolist() == [1.0, 1.0, 0.5, -1.0, -3.0]
 
 
 def test_rows_are_processed_independently() -> None:
@@ -112,7 +133,32 @@ def test_extreme_valid_parameters_give_a_distribution() -> None:
     assert (cold.token, cold.logprob) == (0, 0.0)
 
 
-def test_top_tokens_removed_by_a_warper_stay_finite() -> None:
+def test_top_tokens_removed_by_a_warper_are_not_listed() -> None:
+    """TGI lists top tokens from the warped distribution and drops the ones a warper removed (-inf)."""
     [choice] = choose(LOGITS, [row(do_sample=True, top_p=0.01, top_n_tokens=3)], [make_generator(0)])
-    assert len(choice.top) == 3
-    assert all(math.isfinite(lp) for _, lp in choice.top)
+    assert choice.top == ((0, 0.0),)
+    [typical] = choose(LOGITS, [row(do_sample=True, typical_p=0.2, top_n_tokens=5)], [make_generator(0)])
+    assert 0 < len(typical.top) < 5
+    assert all(math.isfinite(lp) for _, lp in typical.top)
+
+
+def test_sampled_top_tokens_are_the_processed_distribution() -> None:
+    """The nucleus of [0.5, 0.3, 0.15, 0.05] at 0.7 is the first two, renormalized: 0.625 and 0.375."""
+    logits = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.15), math.log(0.05)]])
+    [choice] = choose(logits, [row(do_sample=True, top_p=0.7, top_n_tokens=3)], [make_generator(0)])
+    assert [t for t, _ in choice.top] == [0, 1]
+    assert [round(math.exp(lp), 5) for _, lp in choice.top] == [0.625, 0.375]
+    assert choice.token in (0, 1)
+    assert choice.logprob == dict(choice.top)[choice.token]
+
+
+def test_top_tokens_include_ties_with_the_last() -> None:
+    """TGI's `batch_top_tokens`: tokens tied with the n-th are listed too, greedy or sampled."""
+    logits = torch.tensor([[1.0, 3.0, 1.0, 1.0, 0.0]])
+    [greedy] = choose(logits, [row(top_n_tokens=2)], [None])
+    assert greedy.top[0][0] == 1
+    assert sorted(t for t, _ in greedy.top[1:]) == [0, 2, 3]
+    [sampled] = choose(logits, [row(do_sample=True, temperature=0.5, top_n_tokens=2)], [make_generator(1)])
+    assert len(sampled.top) == 4
+    [alone] = choose(logits, [row(top_n_tokens=1)], [None])
+    assert alone.top == ((1, float(logits.log_softmax(-1)[0, 1])),)

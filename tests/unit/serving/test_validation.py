@@ -10,7 +10,9 @@ import pytest
 
 from llm_serving.config import Limits
 from llm_serving.errors import ValidationError
+from llm_serving.protocol.openai import ChatRequest
 from llm_serving.protocol.tgi import GenerateParameters, GenerateRequest
+from llm_serving.sampling.params import FrequencyRule
 from llm_serving.validation import as_float32, validate_input, validate_parameters
 
 LIMITS = Limits(max_input_tokens=10, max_total_tokens=20)
@@ -77,6 +79,48 @@ def test_any_warper_implies_sampling_and_gets_a_seed() -> None:
     assert not greedy.sampling.do_sample
     assert greedy.sampling.seed is None
     assert check(do_sample=True, seed=5).sampling.seed == 5
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"temperature": 1.0}, {"temperature": 1.0, "frequency_penalty": 1.0}, {"repetition_penalty": 2.0}],
+)
+def test_neutral_warpers_stay_greedy(fields: dict[str, Any]) -> None:
+    """TGI's server samples only for `do_sample` or a warper off neutral: `temperature: 1.0` is greedy."""
+    params = check(**fields)
+    assert not params.sampling.do_sample
+    assert params.sampling.seed is None
+
+
+@pytest.mark.parametrize("fields", [{"top_k": 1}, {"top_p": 0.99}, {"typical_p": 0.5}, {"temperature": 0.9}])
+def test_each_active_warper_samples(fields: dict[str, Any]) -> None:
+    assert check(**fields).sampling.do_sample
+
+
+def test_best_of_counts_any_given_warper_as_the_router_does() -> None:
+    """TGI's router accepts `best_of` with an explicit `temperature: 1.0` (its `is_some` rule)."""
+    assert check(best_of=2, temperature=1.0).best_of == 2
+    with pytest.raises(ValidationError, match="you must use sampling when `best_of` is > 1"):
+        check(best_of=2)
+
+
+def test_openai_temperature_one_samples() -> None:
+    """OpenAI's meaning: sampling by default, temperature 1 included; 0 is greedy."""
+    for temperature in (None, 1.0):
+        body = ChatRequest.model_validate(
+            {"messages": [{"role": "user", "content": "hi"}], "temperature": temperature}
+        )
+        assert validate_parameters(body.parameters(), LIMITS, stream=False).sampling.do_sample
+    cold = ChatRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], "temperature": 0})
+    assert not validate_parameters(cold.parameters(), LIMITS, stream=False).sampling.do_sample
+
+
+def test_frequency_rule_follows_the_route() -> None:
+    assert check(frequency_penalty=1.0).sampling.frequency_rule is FrequencyRule.TGI
+    openai = validate_parameters(
+        GenerateParameters(frequency_penalty=1.0), LIMITS, stream=False, frequency_rule=FrequencyRule.OPENAI
+    )
+    assert openai.sampling.frequency_rule is FrequencyRule.OPENAI
 
 
 def test_absent_parameters_mean_sampling() -> None:

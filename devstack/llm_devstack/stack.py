@@ -1,0 +1,86 @@
+"""The local system `make run` and the cold-start benchmark start: a control plane with an untainted local
+node, the CRD, the gateway and the operator as real processes, and a wait for an endpoint to be Running."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llm_devstack.controlplane import Cluster, HarnessError
+from llm_devstack.node_agent.network import POD_RANGE
+from llm_devstack.paths import EXAMPLES
+from llm_devstack.processes import ComponentProcess, GatewayProcess
+from llm_devstack.resources import install_crd
+from llm_operator.objects import conditions
+
+EXAMPLE = EXAMPLES / "smollm2.yaml"
+READY_TIMEOUT = 900.0
+
+
+def endpoint_status(cluster: Cluster, name: str) -> dict[str, Any]:
+    result = cluster.kubectl("get", "llmendpoint", name, "-o", "json", check=False)
+    return dict(json.loads(result.stdout).get("status") or {}) if result.returncode == 0 else {}
+
+
+def wait_running(cluster: Cluster, name: str, processes: dict[str, ComponentProcess]) -> dict[str, Any]:
+    """Prints each phase and reason change until the endpoint is Running."""
+    deadline, last = time.monotonic() + READY_TIMEOUT, ""
+    while time.monotonic() < deadline:
+        for component, process in processes.items():
+            if not process.alive:
+                raise HarnessError(f"the {component} exited; see {cluster.workdir}/logs")
+        status = endpoint_status(cluster, name)
+        ready = conditions({"status": status}).get("Ready", {})
+        line = (
+            f"{status.get('phase', 'Pending')}: {ready.get('reason', '')} {ready.get('message', '')}".strip()
+        )
+        if line != last:
+            print(f"make run: {name} is {line}", flush=True)
+            last = line
+        if status.get("phase") == "Running":
+            return status
+        time.sleep(1)
+    where = cluster.workdir
+    raise HarnessError(f"{name} not Running after {READY_TIMEOUT:.0f}s; see {where}/logs and {where}/pods")
+
+
+@dataclass
+class LocalStack:
+    """The running local system: its control plane, the gateway's URLs and the component processes."""
+
+    cluster: Cluster
+    gateway_url: str
+    gateway_admin_url: str
+    """Its /metrics, /healthz and /readyz."""
+    processes: dict[str, ComponentProcess]
+
+
+@contextlib.contextmanager
+def local_stack(workdir: Path) -> Iterator[LocalStack]:
+    """Control plane, an untainted local node, the CRD, the gateway and the operator, all stopped on exit."""
+    with Cluster(workdir) as cluster:
+        cluster.start(nodes=())
+        cluster.start_node_agent("local-0", gpus=4, taint=False)
+        install_crd(cluster)
+        logs = cluster.logs
+        # the pods' network is inside (for private endpoints); calls from this machine come from outside
+        internal = f"--internal-cidr={POD_RANGE}"
+        gateway = GatewayProcess(cluster.kubeconfig, logs / "gateway.log", "--host=127.0.0.1", internal)
+        operator = ComponentProcess(
+            "llm_operator",
+            logs / "operator.log",
+            [
+                f"--kubeconfig={cluster.kubeconfig}",
+                "--no-leader-election",
+                f"--gateway-url={gateway.url}",
+                f"--gateway-metrics-url={gateway.admin_url}/metrics",
+            ],
+        )
+        with gateway, operator:
+            processes: dict[str, ComponentProcess] = {"gateway": gateway, "operator": operator}
+            yield LocalStack(cluster, gateway.url, gateway.admin_url, processes)
