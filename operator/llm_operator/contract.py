@@ -2,7 +2,8 @@
 
 Labels and annotations on the objects the operator renders, the field managers that own their fields, the
 gateway's URL layout, the metric names the autoscaler reads from the gateway, the ports and the environment
-of the serving container. Each side imports these names from here, never from the other side's modules.
+of the serving container (the last from `llm_contract`, which the serving image shares). Each side imports
+these names from here, never from the other side's modules.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from llm_contract import API_KEY_ENV as API_KEY_ENV
+from llm_contract import GRACEFUL_SHUTDOWN_ENV as GRACEFUL_SHUTDOWN_ENV
+from llm_contract import SERVING_PORT as SERVING_PORT
 from llm_operator.api.common import SecretKeyRef
 from llm_operator.api.v1alpha1 import LLMEndpoint
 
@@ -42,13 +46,6 @@ URL_ANNOTATION = "llm-endpoints.io/url"
 API_KEY_REF_ANNOTATION = "llm-endpoints.io/api-key-ref"
 """On a protected endpoint's pod template: a hash of the key Secret's name and key (never of the token)."""
 
-# The serving container.
-SERVING_PORT = 3000
-"""Port the serving container listens on (the serving server's and image's default)."""
-API_KEY_ENV = "API_KEY"
-"""Env of a protected endpoint's serving container: the bearer token its server requires."""
-GRACEFUL_SHUTDOWN_ENV = "GRACEFUL_SHUTDOWN_SECONDS"
-"""Env of the serving container: how long the server drains open streams after SIGTERM."""
 
 # The gateway.
 ENDPOINTS_PATH = "/endpoints"

@@ -8,10 +8,11 @@ import os
 from collections.abc import Sequence
 from datetime import timedelta
 
+from llm_contract import API_KEY_ENV, GRACEFUL_SHUTDOWN_ENV, SERVING_PORT
 from llm_serving.config import CacheOptions, Limits
 from llm_serving.distributed import DistSettings
 from llm_serving.loading import resolve
-from llm_serving.server import API_KEY_ENV, GRACEFUL_SHUTDOWN_ENV, ServerOptions, serve
+from llm_serving.server import ServerOptions, serve
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
@@ -28,7 +29,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
     p.add_argument(
         "--host", default=env("LLM_SERVING_HOST", "0.0.0.0"), help="bind address ($LLM_SERVING_HOST)"
     )
-    p.add_argument("--port", type=int, default=int(env("PORT", "3000")))
+    p.add_argument("--port", type=int, default=int(env("PORT", str(SERVING_PORT))))
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     d = Limits()
     p.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests)

@@ -13,6 +13,7 @@ from typing import Any
 
 import uvicorn
 
+from llm_contract import SERVING_PORT
 from llm_serving.config import CacheOptions, Limits, check_capacity
 from llm_serving.distributed import (
     DistContext,
@@ -35,10 +36,6 @@ from llm_serving.service import GenerationService
 
 log = logging.getLogger("llm_serving")
 
-API_KEY_ENV = "API_KEY"
-"""Env holding the bearer token every route but `/health` and `/metrics` requires (unset: none)."""
-GRACEFUL_SHUTDOWN_ENV = "GRACEFUL_SHUTDOWN_SECONDS"
-"""Env holding the drain budget on SIGTERM (docker-entrypoint.sh gives torchrun the same budget)."""
 END_FLUSH_SECONDS = 2
 """After the drain budget: how long the generations it ended get to send their error event."""
 
@@ -49,7 +46,7 @@ class ServerOptions:
     limits: Limits
     cache: CacheOptions = field(default_factory=CacheOptions)
     host: str = "0.0.0.0"
-    port: int = 3000
+    port: int = SERVING_PORT
     api_key: str | None = None
     dtype: str = "auto"
     graceful_shutdown_seconds: int = 30

@@ -17,6 +17,7 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import llm_contract
 from llm_operator import apikey
 from llm_operator.gateway.errors import GatewayError
 from llm_operator.gateway.headers import forwarded_for
@@ -97,9 +98,8 @@ def from_inside(policy: AccessPolicy, peer: str | None, headers: Mapping[str, st
 
 
 def bearer(headers: Mapping[str, str]) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header."""
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
+    """The token of the request's `Authorization: Bearer <token>` header."""
+    return llm_contract.bearer(headers.get("authorization", ""))
 
 
 def check(route: Route, policy: AccessPolicy, peer: str | None, headers: Mapping[str, str]) -> None:

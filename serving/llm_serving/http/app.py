@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from llm_contract import bearer
 from llm_serving.errors import ServingError, UnauthorizedError
 from llm_serving.http import openai, tgi
 from llm_serving.http.io import ClientDisconnected, error_response
@@ -29,9 +30,8 @@ def authorized(api_key: str | None, authorization: str) -> bool:
     """Whether an `Authorization` header carries the key (always, without a key); constant-time."""
     if not api_key:
         return True
-    scheme, _, token = authorization.partition(" ")
-    match = hmac.compare_digest(_digest(token.strip()), _digest(api_key))
-    return scheme.lower() == "bearer" and match
+    token = bearer(authorization)
+    return token is not None and hmac.compare_digest(_digest(token), _digest(api_key))
 
 
 def _endpoint(handler: Handler, *, protected: bool) -> Handler:
