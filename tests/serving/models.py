@@ -12,13 +12,26 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from llm_devstack.models import CACHE, atomic_dir, smollm2_version, tokenizer_dir
 
 
-def tiny_model_dir() -> Path:
-    """A 2-layer, 64-wide random Llama over SmolLM2's vocabulary (safetensors + tokenizer)."""
-    target = CACHE / f"tiny-llama-{smollm2_version()}-v1"
+def _random_model_dir(name: str, build: Any) -> Path:
+    """A random model over SmolLM2's tokenizer, made once by `build(tokenizer)` and saved under CACHE."""
+    target = CACHE / f"{name}-{smollm2_version()}-v1"
     if not target.is_dir():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
+        torch.manual_seed(1234)
+        model = build(tokenizer)
+        tmp = atomic_dir(target)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    return target
+
+
+def tiny_model_dir() -> Path:
+    """A 2-layer, 64-wide random Llama over SmolLM2's vocabulary (safetensors + tokenizer)."""
+
+    def build(tokenizer: Any) -> Any:
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=64,
@@ -31,13 +44,9 @@ def tiny_model_dir() -> Path:
             eos_token_id=tokenizer.eos_token_id,
             initializer_range=0.3,
         )
-        torch.manual_seed(1234)
-        model = LlamaForCausalLM(config)
-        tmp = atomic_dir(target)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
-    return target
+        return LlamaForCausalLM(config)
+
+    return _random_model_dir("tiny-llama", build)
 
 
 class FaultyLlama(LlamaForCausalLM):  # type: ignore[no-untyped-call]
@@ -66,22 +75,6 @@ class OutOfMemoryOnceLlama(FaultyLlama):  # type: ignore[no-untyped-call]
     once = True
 
 
-def _random_model_dir(name: str, build: Any) -> Path:
-    """A random model over SmolLM2's tokenizer, made once by `build(tokenizer)` and saved under CACHE."""
-    target = CACHE / f"{name}-{smollm2_version()}"
-    if not target.is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
-        torch.manual_seed(1234)
-        model = build(tokenizer)
-        tmp = atomic_dir(target)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
-    return target
-
-
 def tiny_qwen3_dir() -> Path:
     """A 2-layer random Qwen3: grouped-query attention (4 query heads on 1 KV head), head_dim 32 wider than
     hidden / heads, q/k norms."""
@@ -106,7 +99,7 @@ def tiny_qwen3_dir() -> Path:
         )
         return Qwen3ForCausalLM(config)
 
-    return _random_model_dir("tiny-qwen3-v1", build)
+    return _random_model_dir("tiny-qwen3", build)
 
 
 def tiny_gemma3_dir() -> Path:
@@ -137,4 +130,4 @@ def tiny_gemma3_dir() -> Path:
         )
         return Gemma3ForCausalLM(config)
 
-    return _random_model_dir("tiny-gemma3-v1", build)
+    return _random_model_dir("tiny-gemma3", build)
