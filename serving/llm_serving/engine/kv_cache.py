@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,13 +97,15 @@ class PagedKVCache:
         self.block_size = block_size
         self.keys = [make(shape, dtype=like.dtype, device=like.device) for _ in range(layers)]
         self.values = [make(shape, dtype=like.dtype, device=like.device) for _ in range(layers)]
-        self._unused: set[int] | None = set(range(num_blocks)) if lazy else None
+        self._unused = set(range(num_blocks)) if lazy else set()
+        """Blocks no step has used yet (on CPU); empty once every block has been zeroed, and on CUDA."""
 
-    def prepare(self, blocks: Iterable[int]) -> None:
-        """Zero the blocks among `blocks` that no step has used yet."""
-        if self._unused is None:
+    def prepare(self, tables: Iterable[Sequence[int]]) -> None:
+        """Zero the blocks of a step's block `tables`, and block 0 (it pads short tables), that no step has
+        used yet. Costs nothing once every block has been used, and nothing on CUDA."""
+        if not self._unused:
             return
-        fresh = self._unused.intersection(blocks)
+        fresh = {0, *(b for table in tables for b in table)} & self._unused
         if not fresh:
             return
         index = torch.tensor(sorted(fresh), dtype=torch.long, device=self.keys[0].device)

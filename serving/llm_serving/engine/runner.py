@@ -144,7 +144,7 @@ def pack(plan: StepPlan, cache: PagedKVCache, device: torch.device, cuda_kernel:
             sample_at.append(offset + count - 1)
         logprob_at.extend(range(offset, offset + len(row.logprob_targets)))
         targets.extend(row.logprob_targets)
-    cache.prepare({0, *(b for row in plan.rows for b in row.blocks)})  # block 0 pads short block tables
+    cache.prepare(row.blocks for row in plan.rows)
     step = PagedStep(
         cache=cache,
         slots=torch.tensor(slots, dtype=torch.long).to(device),
