@@ -87,9 +87,13 @@ $(VENV)/.synced: uv.lock pyproject.toml operator/pyproject.toml serving/pyprojec
 	$(UV) sync --frozen
 	@touch $@
 
-bench: venv cluster-bin  ## Side-by-side benchmarks (serving, gateway, wake, cold start, operator); results in bench/results/
+bench: venv cluster-bin  ## Side-by-side benchmarks (serving, engine, structured output, LoRA, load, start-up, gateway, wake, cold start, operator); results in bench/results/
 	$(PY) -m bench.serving
 	$(PY) -m bench.engine
+	$(PY) -m bench.structured
+	$(PY) -m bench.lora
+	$(PY) -m bench.load
+	$(PY) -m bench.startup
 	$(PY) -m bench.gateway
 	$(PY) -m bench.gateway_memory
 	$(PY) -m bench.wake

@@ -23,12 +23,12 @@ from llm_operator.autoscale.sources import (
     gateway_pod_urls,
     static_urls,
 )
-from llm_operator.contract import ADMIN_PORT
+from llm_operator.contract import ADMIN_PORT, HF_ENDPOINT_ENV
 from llm_operator.controller import RESYNC_SECONDS, Controller
 from llm_operator.handlers import build_registry
 from llm_operator.kube import Credentials, Kube, add_cluster_flags
 from llm_operator.leader import LeaderElector
-from llm_operator.settings import IMAGE_POLICIES, Settings
+from llm_operator.settings import HUB_URL, IMAGE_POLICIES, Settings
 
 log = logging.getLogger("llm_operator")
 
@@ -58,6 +58,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="a label of the gateway pods (repeatable; default: "
         + ",".join(f"{k}={v}" for k, v in defaults.gateway_labels.items())
         + ")",
+    )
+    p.add_argument(
+        "--operator-label",
+        action="append",
+        type=label,
+        dest="operator_labels",
+        metavar="KEY=VALUE",
+        help="a label of the operator's own pods, admitted to the serving port to read /status (repeatable; "
+        "default: " + ",".join(f"{k}={v}" for k, v in defaults.operator_labels.items()) + ")",
+    )
+    p.add_argument(
+        "--hf-endpoint",
+        default=defaults.hf_endpoint,
+        help=f"the Hub's base URL, where revisions are resolved and serving pods download from (as "
+        f"{HF_ENDPOINT_ENV}); default: {HUB_URL}",
     )
     p.add_argument(
         "--image-policy",
@@ -148,6 +163,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         system_namespace=args.system_namespace,
         gateway_namespace=args.gateway_namespace,
         gateway_labels=dict(args.gateway_labels) if args.gateway_labels else defaults.gateway_labels,
+        operator_labels=dict(args.operator_labels) if args.operator_labels else defaults.operator_labels,
+        hf_endpoint=args.hf_endpoint or None,
         termination_grace_seconds=args.termination_grace_seconds,
         startup_seconds=args.startup_seconds,
         image_policy=args.image_policy,

@@ -10,7 +10,7 @@ import logging
 import secrets
 from datetime import datetime
 
-from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint, LLMEndpointStatus
+from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint, LLMEndpointStatus, ModelStatus
 from llm_operator.contract import AUTOSCALER_FIELD_MANAGER, FIELD_MANAGER, OPERATOR, default_api_key_secret
 from llm_operator.kube import ConflictError, Kube, NotFoundError
 from llm_operator.objects import Manifest, rfc3339
@@ -111,6 +111,25 @@ async def write_status(
         subresource="status",
         field_manager=FIELD_MANAGER,
     )
+
+
+async def write_model(
+    kube: Kube, endpoint: LLMEndpoint, resource_version: str, model: ModelStatus | None
+) -> str:
+    """Record the resolved revision (`status.model`) before anything is rendered with it; refused (409) if
+    the endpoint changed since it was read. The endpoint's new resourceVersion."""
+    value = model.model_dump(by_alias=True, exclude_none=True, mode="json") if model else None
+    patch = {"metadata": {"resourceVersion": resource_version}, "status": {"model": value}}
+    answer = await kube.merge_patch(
+        API_VERSION,
+        KIND,
+        endpoint.metadata.namespace,
+        endpoint.metadata.name,
+        patch,
+        subresource="status",
+        field_manager=FIELD_MANAGER,
+    )
+    return str(answer["metadata"]["resourceVersion"])
 
 
 async def post_event(

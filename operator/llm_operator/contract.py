@@ -13,7 +13,9 @@ from types import MappingProxyType
 
 from llm_contract import API_KEY_ENV as API_KEY_ENV
 from llm_contract import GRACEFUL_SHUTDOWN_ENV as GRACEFUL_SHUTDOWN_ENV
+from llm_contract import HF_ENDPOINT_ENV as HF_ENDPOINT_ENV
 from llm_contract import SERVING_PORT as SERVING_PORT
+from llm_contract import STATUS_PATH as STATUS_PATH
 from llm_operator.api.common import SecretKeyRef
 from llm_operator.api.v1alpha1 import LLMEndpoint
 
@@ -38,11 +40,17 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": OPERATOR}
 GATEWAY_LABELS: Mapping[str, str] = MappingProxyType({"app.kubernetes.io/name": "llm-gateway"})
 """Labels of the gateway pods (the chart sets them): the autoscaler scrapes the ready ones, and the serving
 pods' NetworkPolicies admit only them."""
+OPERATOR_LABELS: Mapping[str, str] = MappingProxyType({"app.kubernetes.io/name": "llm-operator"})
+"""Labels of the operator pods (the chart sets them): the serving pods' NetworkPolicies admit them to the
+serving port, where the operator reads each loading replica's `/status`."""
 # On an endpoint's Service, for people reading it (`kubectl describe`); no component reads them.
 ACCESS_ANNOTATION = "llm-endpoints.io/access"
 API_KEY_SECRET_ANNOTATION = "llm-endpoints.io/api-key-secret"
 API_KEY_KEY_ANNOTATION = "llm-endpoints.io/api-key-key"
 URL_ANNOTATION = "llm-endpoints.io/url"
+RESOLVE_ANNOTATION = "llm-endpoints.io/resolve-revision"
+"""On an LLMEndpoint, set by a person: a value other than the one in `status.model.resolveRequest` makes the
+operator resolve spec.model.revision to its commit again (and roll the replicas if it moved)."""
 API_KEY_REF_ANNOTATION = "llm-endpoints.io/api-key-ref"
 """On a protected endpoint's pod template: a hash of the key Secret's name and key (never of the token)."""
 
@@ -64,6 +72,10 @@ COLD_START = "llm_gateway_cold_start_seconds"
 """Histogram: one observation per wake and `phase`."""
 METRIC_LABELS = ("namespace", "endpoint")
 """The labels naming an endpoint on every gateway metric."""
+LOAD_PROGRESS = "llm_endpoint_load_progress"
+"""Operator gauge (labels namespace, endpoint, phase): how far, 0..1, the endpoint's least advanced loading
+replica is through its loading `phase` (Downloading, LoadingWeights, ...), read from its `/status`; the
+series of other phases are 0, and all are removed once no replica loads."""
 
 
 def endpoint_url(gateway_url: str, namespace: str, name: str) -> str:

@@ -12,13 +12,14 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+import aiohttp
 from prometheus_client import Counter, Gauge, Histogram
 
 from llm_operator.errors import OperatorError
 from llm_operator.kube import ConflictError, Kube
 from llm_operator.leader import LeaderElector
 from llm_operator.objects import Key
-from llm_operator.reconcile import reconcile
+from llm_operator.reconcile import Outcome, reconcile
 from llm_operator.settings import Settings
 from llm_operator.workqueue import WorkQueue
 
@@ -33,13 +34,26 @@ RESYNC_SECONDS = 600.0
 """Every endpoint gets a full pass this often (drift no event showed, a rotated API key Secret)."""
 
 
+def backoff(failures: int) -> float:
+    """Seconds before the next try after `failures` failures in a row."""
+    return float(min(MAX_DELAY, BASE_DELAY * 2 ** max(0, failures - 1)))
+
+
 def retry_delay(error: Exception, failures: int) -> float | None:
     """Seconds until the next try after `failures` failures in a row, or None: wait for a change."""
     if isinstance(error, ConflictError):
         return 0.0 if failures <= 3 else BASE_DELAY
     if isinstance(error, OperatorError) and not error.retryable:
         return None
-    return float(min(MAX_DELAY, BASE_DELAY * 2 ** max(0, failures - 1)))
+    return backoff(failures)
+
+
+def next_pass(outcome: Outcome, hub_failures: int) -> float | None:
+    """Seconds until this endpoint's next pass without an event: a back-off while its revision cannot be
+    resolved (`hub_failures` in a row), soon while a replica loads (its progress), else None."""
+    if outcome.hub_retry:
+        return backoff(hub_failures)
+    return outcome.requeue_after
 
 
 class Controller:
@@ -62,6 +76,9 @@ class Controller:
         self.queue: WorkQueue[Key] = WorkQueue()
         self.known: set[Key] = set()
         self._failures: dict[Key, int] = {}
+        self._hub_failures: dict[Key, int] = {}
+        self.http: aiohttp.ClientSession | None = None
+        """The session for the Hub and the pods' `/status` (made by `run`)."""
         self._full: set[Key] = set()  # keys whose next pass must apply the children, not only read them
         self.leading = elector.leading if elector else asyncio.Event()
         if elector:
@@ -77,6 +94,7 @@ class Controller:
         if deleted:
             self.known.discard(key)
             self._failures.pop(key, None)
+            self._hub_failures.pop(key, None)
             self._full.discard(key)
             return
         self.known.add(key)
@@ -120,7 +138,14 @@ class Controller:
         self._full.discard(key)
         try:
             outcome = await reconcile(
-                self.kube, namespace, name, self.settings, self.clock, self.identity, children=children
+                self.kube,
+                namespace,
+                name,
+                self.settings,
+                self.clock,
+                self.identity,
+                children=children,
+                http=self.http,
             )
         except Exception as error:
             self._full.add(key)  # retry in full
@@ -142,6 +167,13 @@ class Controller:
             RECONCILE_SECONDS.observe(time.monotonic() - started)
         self._failures.pop(key, None)
         RECONCILES.labels(result="ok").inc()
+        hub_failures = self._hub_failures[key] = self._hub_failures.get(key, 0) + 1
+        if not outcome.hub_retry:
+            del self._hub_failures[key]
+        if (delay := next_pass(outcome, hub_failures)) is not None:
+            if outcome.hub_retry:
+                self._full.add(key)  # the resolved commit is rendered by a full pass
+            self.queue.add_after(key, delay)
         if outcome.status is not None and (
             outcome.status_written or outcome.pruned or outcome.scaled_to is not None
         ):
@@ -158,6 +190,7 @@ class Controller:
 
     async def run(self) -> None:
         """Workers, the elector and the periodic resync, until cancelled."""
+        self.http = aiohttp.ClientSession()
         tasks = [asyncio.create_task(self._work(), name=f"worker-{i}") for i in range(self.workers)]
         if self.elector:
             tasks.append(asyncio.create_task(self.elector.run(), name="leader-election"))
@@ -169,5 +202,6 @@ class Controller:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.http.close()
             if self.elector:
                 await self.elector.release()

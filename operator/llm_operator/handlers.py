@@ -17,6 +17,7 @@ from llm_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 from llm_operator.contract import AUTOSCALER_FIELD_MANAGER, ENDPOINT_LABEL, FIELD_MANAGER, MANAGED_BY
 from llm_operator.controller import Controller
 from llm_operator.kube import Credentials
+from llm_operator.revision import resolve_requested
 from llm_operator.status import wake_requested
 
 CHILDREN = (
@@ -89,8 +90,9 @@ def build_registry(controller: Controller, credentials: Credentials) -> kopf.Ope
     ) -> None:
         # a MODIFIED event of an already observed generation is a status or metadata write (the
         # operator's own, or the autoscaler's): the endpoint is known, but there is nothing to reconcile,
-        # unless a gateway asks for a wake
+        # unless a gateway asks for a wake or a person for the revision to be resolved again
         observed = type == "MODIFIED" and meta.get("generation") == status.get("observedGeneration")
+        observed = observed and not resolve_requested(meta.get("annotations") or {}, status)
         controller.endpoint_seen(
             namespace or "default",
             name,

@@ -3,7 +3,9 @@
 - `llm_endpoint_replicas{kind="desired"|"ready"}` — replicas the Deployment wants and has ready;
 - `llm_endpoint_gpus_per_replica` — `nvidia.com/gpu` each replica requests;
 - `llm_endpoint_phase{phase}` — 1 for the endpoint's current phase, 0 for the others;
-- `llm_endpoint_degraded` — 1 while the Degraded condition is True.
+- `llm_endpoint_degraded` — 1 while the Degraded condition is True;
+- `llm_endpoint_load_progress{phase}` — 0..1 through its loading phase, of the least advanced loading replica
+  (from its `/status`); 0 for the other phases; no series while no replica loads.
 """
 
 from __future__ import annotations
@@ -12,13 +14,19 @@ from typing import get_args
 
 from prometheus_client import Gauge
 
+from llm_contract import LoadStatus
 from llm_operator.api.v1alpha1 import LLMEndpoint, LLMEndpointStatus, Phase
+from llm_operator.contract import LOAD_PROGRESS
+from llm_operator.progress import LOADING_PHASES, fraction
 
 LABELS = ("namespace", "endpoint")
 REPLICAS = Gauge("llm_endpoint_replicas", "Replicas of the endpoint, desired and ready", (*LABELS, "kind"))
 GPUS = Gauge("llm_endpoint_gpus_per_replica", "GPUs each replica of the endpoint requests", LABELS)
 PHASE = Gauge("llm_endpoint_phase", "1 for the endpoint's current phase", (*LABELS, "phase"))
 DEGRADED = Gauge("llm_endpoint_degraded", "1 while the endpoint's Degraded condition is True", LABELS)
+LOAD = Gauge(
+    LOAD_PROGRESS, "0..1 through its loading phase, of the least advanced loading replica", (*LABELS, "phase")
+)
 PHASES: tuple[str, ...] = get_args(Phase)
 
 
@@ -34,6 +42,16 @@ def record(endpoint: LLMEndpoint, status: LLMEndpointStatus) -> None:
     DEGRADED.labels(*key).set(1 if degraded is not None and degraded.status == "True" else 0)
 
 
+def record_progress(endpoint: LLMEndpoint, slowest: LoadStatus | None) -> None:
+    """Sets the load progress gauge from the least advanced loading replica (removes it when none loads)."""
+    key = (endpoint.metadata.namespace, endpoint.metadata.name)
+    for phase in LOADING_PHASES:
+        if slowest is None:
+            _remove(LOAD, *key, phase)
+        else:
+            LOAD.labels(*key, phase).set(fraction(slowest) if phase == slowest.phase else 0)
+
+
 def forget(namespace: str, name: str) -> None:
     """Drops a deleted endpoint's series."""
     for kind in ("desired", "ready"):
@@ -42,6 +60,8 @@ def forget(namespace: str, name: str) -> None:
         _remove(PHASE, namespace, name, phase)
     _remove(GPUS, namespace, name)
     _remove(DEGRADED, namespace, name)
+    for phase in LOADING_PHASES:
+        _remove(LOAD, namespace, name, phase)
 
 
 def _remove(gauge: Gauge, *labels: str) -> None:

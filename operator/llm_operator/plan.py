@@ -1,25 +1,40 @@
 """What one reconcile pass writes, decided from what it has read. Pure; `reconcile.py` reads and executes.
 
 A pass decides twice, because the second decision reads what the first one's writes answer:
-1. `plan_apply`, from the endpoint and its key Secret: whether the endpoint is refused (then nothing is
-   applied), the children to apply or whether the Deployment is only read, whether to prune, the key hash.
+1. `plan_apply`, from the endpoint (with the revision resolved this pass recorded), its key Secret and the
+   Hub's answer: whether the endpoint is refused (then nothing is applied), the children to apply or whether
+   the Deployment is only read (also while its revision has no commit), whether to prune, the key hash.
 2. `plan_update`, from the Deployment (as applied, or as read), its pods and their scheduling events: the
    replicas to set, the status, whether it changed (and is written), the Event to post.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from llm_operator import policy
+from llm_contract import LoadStatus
+from llm_operator import policy, revision
 from llm_operator.api.v1alpha1 import LLMEndpoint, LLMEndpointStatus
 from llm_operator.apikey import published_key
 from llm_operator.objects import Manifest, conditions
 from llm_operator.render import render, replica_correction
 from llm_operator.settings import Settings
 from llm_operator.status import Announcement, Finding, announcement, compute_status, status_patch, wake_due
+
+
+def hub_findings(
+    resolution: revision.Resolution | None, answer: revision.HubAnswer | None, hub_url: str
+) -> tuple[Finding | None, Finding | None]:
+    """(refused, resolving) from the Hub's answer: a refusal makes the endpoint Failed with the Hub's reason
+    and message; an outage shows as HubUnreachable while it is retried."""
+    if resolution is None or answer is None or isinstance(answer, revision.Resolved):
+        return None, None
+    message = revision.hub_message(resolution, answer, hub_url)
+    if isinstance(answer, revision.Refused):
+        return Finding(answer.reason, message), None
+    return None, Finding(revision.HUB_UNREACHABLE, message)
 
 
 def reads_key_secret(endpoint: LLMEndpoint, settings: Settings) -> bool:
@@ -45,20 +60,29 @@ class ApplyPlan:
     Deployment's status (nothing the operator owns) and the spec is unchanged, or the endpoint is refused."""
     prune: bool
     """After applying, delete the optional children the spec no longer asks for (a first spec has none)."""
+    resolving: Finding | None = None
+    """Why the model's revision has no commit yet, while the Hub cannot be asked."""
 
 
 def plan_apply(
-    endpoint: LLMEndpoint, settings: Settings, key_secret: Manifest | None, *, children: bool
+    endpoint: LLMEndpoint,
+    settings: Settings,
+    key_secret: Manifest | None,
+    *,
+    children: bool,
+    hub: tuple[Finding | None, Finding | None] = (None, None),
 ) -> ApplyPlan:
     """`key_secret`: the default Secret as read or created, or the one `spec.apiKeySecretRef` names (None when
-    there is none, or it was not read: see `reads_key_secret`)."""
-    refused = policy.image_refusal(endpoint, settings)
+    there is none, or it was not read: see `reads_key_secret`); `hub`: `hub_findings` of this pass."""
+    hub_refused, resolving = hub
+    refused = policy.image_refusal(endpoint, settings) or hub_refused
     if refused is None and key_secret is not None and endpoint.spec.api_key_secret_ref is None:
         refused = policy.key_secret_refusal(key_secret, endpoint)
     key_hash = published_key(endpoint, key_secret)
     spec_changed = endpoint.status.observed_generation != endpoint.metadata.generation
+    unpinned = revision.unpinned(endpoint)
     rendered: tuple[Manifest, ...] = ()
-    if refused is None:
+    if refused is None and not unpinned:
         current_key = endpoint.model_copy(
             update={"status": endpoint.status.model_copy(update={"api_key_hash": key_hash})}
         )
@@ -67,8 +91,9 @@ def plan_apply(
         refused=refused,
         key_hash=key_hash,
         rendered=rendered,
-        read_first=refused is not None or (not children and not spec_changed),
+        read_first=refused is not None or unpinned or (not children and not spec_changed),
         prune=spec_changed and endpoint.metadata.generation > 1,
+        resolving=resolving,
     )
 
 
@@ -117,9 +142,10 @@ def plan_update(
     events: list[Manifest],
     now: datetime,
     settings: Settings,
+    loads: Mapping[str, LoadStatus] | None = None,
 ) -> UpdatePlan:
     """`deployment`: as applied or read (None when missing and refused); `events`: the FailedScheduling ones
-    of `unschedulable_pod`."""
+    of `unschedulable_pod`; `loads`: the `/status` of the loading pods, by name."""
     waking = wake_due(endpoint.status)
     scale_to = None
     if deployment is not None:
@@ -132,7 +158,9 @@ def plan_update(
             deployment = with_replicas(deployment, scale_to)
     meta = endpoint.metadata
     url = settings.url(meta.namespace, meta.name)
-    status = compute_status(endpoint, deployment, pods, events, now, url, applied.refused)
+    status = compute_status(
+        endpoint, deployment, pods, events, now, url, applied.refused, applied.resolving, loads
+    )
     acknowledged = endpoint.status.wake_requested_at if waking else endpoint.status.wake_acknowledged
     status = status.model_copy(update={"api_key_hash": applied.key_hash, "wake_acknowledged": acknowledged})
     return UpdatePlan(

@@ -1,6 +1,9 @@
-"""One level-triggered pass for one endpoint: read -> plan -> apply -> status (written once, if changed).
+"""One level-triggered pass for one endpoint: read -> resolve -> plan -> apply -> status (written once, if
+changed).
 
 What the pass writes is decided in `plan.py` from what it read; this module does the reads and the writes.
+A Hub revision to resolve (`revision.resolution_needed`) is asked of the Hub first and its commit recorded
+in `status.model` before anything is rendered with it; the loading pods' `/status` is read for the status.
 Idempotent: applying unchanged objects is a no-op on the server, and an unchanged status is not written, so
 running it twice in a row changes nothing.
 """
@@ -13,11 +16,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from llm_operator import apply, metrics
+import aiohttp
+
+from llm_operator import apply, hub, loadprobe, metrics, progress, revision
 from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint, LLMEndpointStatus, parse_endpoint
 from llm_operator.kube import Kube, NotFoundError
 from llm_operator.objects import Manifest
-from llm_operator.plan import plan_apply, plan_update, reads_key_secret, reads_pods, unschedulable_pod
+from llm_operator.plan import (
+    hub_findings,
+    plan_apply,
+    plan_update,
+    reads_key_secret,
+    reads_pods,
+    unschedulable_pod,
+)
 from llm_operator.render import selector
 from llm_operator.settings import Settings
 
@@ -33,6 +45,10 @@ class Outcome:
     status_written: bool = False
     pruned: tuple[str, ...] = ()
     scaled_to: int | None = None
+    hub_retry: bool = False
+    """The revision could not be resolved (refused or unreachable): try again after a back-off."""
+    requeue_after: float | None = None
+    """A replica is loading: look again this soon (its progress)."""
 
 
 async def reconcile(
@@ -44,11 +60,18 @@ async def reconcile(
     instance: str = "llm-operator",
     *,
     children: bool = True,
+    http: aiohttp.ClientSession | None = None,
 ) -> Outcome:
     """Bring the children of `namespace/name` to what its spec says and its status to what they show.
 
     With children=False (a pod or a Deployment's status moved, nothing the operator owns) the children are
-    only read, not applied, unless the spec changed or the Deployment is missing."""
+    only read, not applied, unless the spec changed or the Deployment is missing. `http`: the session for
+    the Hub and the pods' `/status` (one of its own when None)."""
+    if http is None:
+        async with aiohttp.ClientSession() as own:
+            return await reconcile(
+                kube, namespace, name, settings, now, instance, children=children, http=own
+            )
     try:
         body = await kube.get(API_VERSION, KIND, namespace, name)
     except NotFoundError:
@@ -58,9 +81,21 @@ async def reconcile(
         metrics.forget(namespace, name)
         return Outcome(status=None)  # owner references let the garbage collector delete the children
     endpoint = parse_endpoint(body)
+    version = str(body["metadata"]["resourceVersion"])
 
-    key_secret = await _key_secret(kube, endpoint) if reads_key_secret(endpoint, settings) else None
-    children_plan = plan_apply(endpoint, settings, key_secret, children=children)
+    allowed = reads_key_secret(endpoint, settings)
+    wanted = revision.resolution_needed(endpoint) if allowed else None
+    answer = None
+    if wanted is not None:
+        token = await hub.read_token(kube, namespace, wanted)
+        answer = await hub.resolve(http, settings.hub_url, wanted, token)
+    if (model := revision.recorded_model(endpoint, answer)) != endpoint.status.model:
+        version = await apply.write_model(kube, endpoint, version, model)
+    endpoint = revision.with_model(endpoint, model)
+    findings = hub_findings(wanted, answer, settings.hub_url)
+
+    key_secret = await _key_secret(kube, endpoint) if allowed else None
+    children_plan = plan_apply(endpoint, settings, key_secret, children=children, hub=findings)
     deployment = None
     if children_plan.read_first:
         with contextlib.suppress(NotFoundError):
@@ -79,13 +114,16 @@ async def reconcile(
     if (unschedulable := unschedulable_pod(pods)) is not None:
         fields = {"involvedObject.name": unschedulable, "reason": "FailedScheduling"}
         events = await kube.list("v1", "Event", namespace, fields=fields)
-    update = plan_update(endpoint, children_plan, deployment, pods, events, now(), settings)
+    ready_too = progress.adapters_unconfirmed(endpoint)
+    loads = await loadprobe.read_loading(http, pods, settings.port, ready_too=ready_too)
+    update = plan_update(endpoint, children_plan, deployment, pods, events, now(), settings, loads)
 
     if deployment is not None and update.scale_to is not None:
         await apply.set_replicas(kube, deployment, update.scale_to)
     metrics.record(endpoint, update.status)
+    metrics.record_progress(endpoint, progress.least_advanced(list(loads.values())))
     if update.write_status:
-        await apply.write_status(kube, endpoint, body["metadata"]["resourceVersion"], update.status)
+        await apply.write_status(kube, endpoint, version, update.status)
     if (news := update.announcement) is not None:
         log.info(news.message, extra={**_ref(endpoint), "phase": update.status.phase, "reason": news.reason})
         await apply.post_event(
@@ -97,7 +135,14 @@ async def reconcile(
             now=now(),
             instance=instance,
         )
-    return Outcome(update.status, update.write_status, tuple(pruned), update.scale_to)
+    return Outcome(
+        update.status,
+        update.write_status,
+        tuple(pruned),
+        update.scale_to,
+        hub_retry=findings != (None, None),
+        requeue_after=progress.LOADING_REQUEUE_SECONDS if loadprobe.loading_pods(pods) else None,
+    )
 
 
 async def _key_secret(kube: Kube, endpoint: LLMEndpoint) -> Manifest | None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from llm_contract import ADAPTER_FLAG, adapter_arg, adapter_token_env
 from llm_operator.api.accelerators import ACCELERATORS, GPU_PRODUCT_LABEL, GPU_RESOURCE
 from llm_operator.api.common import SecretKeyRef
-from llm_operator.api.v1alpha1 import API_VERSION, KIND, LLMEndpoint
+from llm_operator.api.v1alpha1 import API_VERSION, KIND, Adapter, LLMEndpoint
 from llm_operator.contract import (
     ACCESS_ANNOTATION,
     API_KEY_ENV,
@@ -20,12 +21,14 @@ from llm_operator.contract import (
     API_KEY_SECRET_ANNOTATION,
     ENDPOINT_LABEL,
     GRACEFUL_SHUTDOWN_ENV,
+    HF_ENDPOINT_ENV,
     MANAGED_BY,
     PART_OF,
     URL_ANNOTATION,
     api_key_ref,
 )
 from llm_operator.objects import Manifest
+from llm_operator.revision import pinned_revision
 from llm_operator.settings import Settings
 
 CONTAINER = "server"
@@ -87,7 +90,7 @@ def package_module(distribution: str) -> str:
 
 
 def model_args(endpoint: LLMEndpoint) -> list[str]:
-    """Serving flags that name the model."""
+    """Serving flags that name the model; a Hub model's revision is its pinned commit (see revision.py)."""
     model = endpoint.spec.model
     if model.repository:
         source = model.repository
@@ -98,9 +101,30 @@ def model_args(endpoint: LLMEndpoint) -> list[str]:
     else:
         source = f"pkg:{package_module(model.package or '')}"
     args = ["--model", source]
-    if model.revision:
-        args += ["--revision", model.revision]
+    if revision := pinned_revision(endpoint):
+        args += ["--revision", revision]
     return [*args, "--dtype", model.dtype]
+
+
+def adapter_source(adapter: Adapter) -> str:
+    """What `--adapter` names as the adapter's source (read like `--model`)."""
+    if adapter.repository:
+        return adapter.repository
+    return adapter.path or f"pkg:{package_module(adapter.package or '')}"
+
+
+def adapter_args(endpoint: LLMEndpoint) -> list[str]:
+    """One `--adapter NAME=SOURCE[@REVISION]` per spec.adapters entry."""
+    args: list[str] = []
+    for adapter in endpoint.spec.adapters or ():
+        args += [ADAPTER_FLAG, adapter_arg(adapter.name, adapter_source(adapter), adapter.revision)]
+    return args
+
+
+def uses_hub(endpoint: LLMEndpoint) -> bool:
+    """Whether the server downloads anything from the Hub: the model or an adapter."""
+    spec = endpoint.spec
+    return spec.model.repository is not None or any(a.repository for a in spec.adapters or ())
 
 
 def drain_seconds(settings: Settings) -> int:
@@ -110,7 +134,7 @@ def drain_seconds(settings: Settings) -> int:
 
 def server_args(endpoint: LLMEndpoint, settings: Settings) -> list[str]:
     """All flags of `python -m llm_serving`."""
-    args = [*model_args(endpoint), "--port", str(settings.port)]
+    args = [*model_args(endpoint), *adapter_args(endpoint), "--port", str(settings.port)]
     limits = endpoint.spec.generation
     for flag, value in (
         ("--max-input-tokens", limits.max_input_tokens),
@@ -135,10 +159,15 @@ def _env(endpoint: LLMEndpoint, settings: Settings) -> list[dict[str, Any]]:
         env.append(_secret_env(API_KEY_ENV, key))
     if spec.model.token_secret_ref:
         env.append(_secret_env("HF_TOKEN", spec.model.token_secret_ref))
+    for adapter in spec.adapters or ():
+        if adapter.token_secret_ref:
+            env.append(_secret_env(adapter_token_env(adapter.name), adapter.token_secret_ref))
     if spec.cache:
         env.append({"name": "HF_HOME", "value": CACHE_MOUNT})
-    if not spec.model.repository:
+    if not uses_hub(endpoint):
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+    elif settings.hf_endpoint:
+        env.append({"name": HF_ENDPOINT_ENV, "value": settings.hf_endpoint})
     owned = {API_KEY_ENV, GRACEFUL_SHUTDOWN_ENV}
     env += [
         var.model_dump(by_alias=True, exclude_none=True) for var in spec.env or () if var.name not in owned
@@ -236,6 +265,8 @@ def deployment(endpoint: LLMEndpoint, settings: Settings) -> Manifest:
         "readinessProbe": _probe(period=5, failures=2),
         "livenessProbe": _probe(period=15, failures=4),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
+        # a model that cannot load says why in its last log line (llm_contract.failure_line)
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
     pod_spec: dict[str, Any] = {
@@ -315,12 +346,22 @@ def gateway_peer(settings: Settings) -> dict[str, Any]:
     }
 
 
+def operator_peer(settings: Settings) -> dict[str, Any]:
+    """The operator's pods, as a NetworkPolicy peer: they read the loading replicas' `/status`."""
+    namespace = {"kubernetes.io/metadata.name": settings.system_namespace}
+    return {
+        "namespaceSelector": {"matchLabels": namespace},
+        "podSelector": {"matchLabels": dict(settings.operator_labels)},
+    }
+
+
 def network_policy(endpoint: LLMEndpoint, settings: Settings) -> Manifest | None:
-    """Who may connect to the pods. Protected: the gateway's pods only; private: also the endpoint's own
-    namespace. Public endpoints get none (anyone may call them)."""
+    """Who may connect to the pods. Protected: the gateway's pods, and the operator's (which read only
+    `/status`, the key-free route); private: also the endpoint's own namespace. Public endpoints get none
+    (anyone may call them)."""
     if endpoint.spec.access == "public":
         return None
-    peers: list[dict[str, Any]] = [gateway_peer(settings)]
+    peers: list[dict[str, Any]] = [gateway_peer(settings), operator_peer(settings)]
     if endpoint.spec.access == "private":
         peers.append({"podSelector": {}})
     return _object(

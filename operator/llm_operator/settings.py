@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Literal
 
-from llm_operator.contract import GATEWAY_LABELS, SERVING_PORT, endpoint_url
+from llm_operator.contract import GATEWAY_LABELS, OPERATOR_LABELS, SERVING_PORT, endpoint_url
 
 ImagePolicy = Literal["any", "default-only", "allow-list"]
 IMAGE_POLICIES: tuple[ImagePolicy, ...] = ("any", "default-only", "allow-list")
+HUB_URL = "https://huggingface.co"
+"""The Hugging Face Hub, where revisions are resolved unless `Settings.hf_endpoint` names another."""
 SERVING_IMAGE = f"ghcr.io/llm-endpoints/llm-serving:{version('llm-operator')}"
 """The serving image of this release (the operator's package version is the release's)."""
 
@@ -29,6 +31,11 @@ class Settings:
     """Namespace of the gateway pods, the only pods endpoints' NetworkPolicies admit (None: system's)."""
     gateway_labels: Mapping[str, str] = field(default_factory=lambda: GATEWAY_LABELS)
     """Labels that select the gateway pods in gateway_namespace."""
+    operator_labels: Mapping[str, str] = field(default_factory=lambda: OPERATOR_LABELS)
+    """Labels that select the operator's pods in system_namespace (admitted to the serving port)."""
+    hf_endpoint: str | None = None
+    """The Hub's base URL (a mirror, or a stand-in in tests): revisions are resolved there and serving pods
+    get it as HF_ENDPOINT; None: the Hugging Face Hub, and no HF_ENDPOINT."""
     gateway_url: str = "http://llm-gateway.llm-system.svc.cluster.local"
     """Base URL of the gateway; an endpoint's URL is `<gateway_url>/endpoints/<namespace>/<name>`."""
     termination_grace_seconds: int = 300
@@ -41,6 +48,11 @@ class Settings:
     """Shell-style patterns (fnmatch, case-sensitive) of the images allowed under image_policy=allow-list."""
     serving_egress_ports: tuple[int, ...] = (443,)
     """TCP ports serving pods may connect to anywhere (model download over HTTPS), besides DNS."""
+
+    @property
+    def hub_url(self) -> str:
+        """Where revisions are resolved."""
+        return (self.hf_endpoint or HUB_URL).rstrip("/")
 
     @property
     def gateway_pods_namespace(self) -> str:

@@ -3,6 +3,9 @@
 Phases: Pending (not placed or not started), Loading (started, not yet ready), Running (at least one ready
 replica), ScaledToZero (no replica wanted), Paused (`spec.paused`: held at zero, requests refused), Failed (no
 ready replica and something a person must fix).
+A loading replica's `/status` (read by `loadprobe.py`) gives the Loading reason and message
+(`Downloading 6.9/16.1 GB (43%)`); a serving container whose termination message is a load failure
+(`llm_contract.parse_failure`) makes the endpoint Failed with its reason, even while its restarts back off.
 Conditions follow metav1.Condition, so kstatus (Argo CD, Flux) reads `Ready` and `observedGeneration`.
 """
 
@@ -15,9 +18,12 @@ from typing import Any, Literal
 
 import pydantic
 
+from llm_contract import LoadStatus, parse_failure
+from llm_operator import progress
 from llm_operator.api.accelerators import GPU_RESOURCE
 from llm_operator.api.v1alpha1 import Condition, ConditionType, LLMEndpoint, LLMEndpointStatus, Phase
 from llm_operator.objects import Manifest, condition_true, conditions
+from llm_operator.revision import HUB_UNREACHABLE
 
 # container waiting reasons that need a person, most telling first
 BROKEN_WAITING = (
@@ -55,6 +61,8 @@ class Observation:
     paused: bool = False
     refused: Finding | None = None
     """Why the operator renders nothing for the endpoint (see policy.py), if it does not."""
+    resolving: Finding | None = None
+    """Why the model's revision is not resolved yet, while the Hub cannot be asked (retried)."""
 
 
 def _event_time(event: Manifest) -> str:
@@ -99,10 +107,26 @@ def _waiting(pod: Manifest) -> tuple[str, str] | None:
     return reason, message
 
 
+def load_failure(pod: Manifest) -> LoadStatus | None:
+    """The load failure a container of the pod reported as its termination message (now or last time)."""
+    for status in pod.get("status", {}).get("containerStatuses") or ():
+        for state in (status.get("state") or {}, status.get("lastState") or {}):
+            message = (state.get("terminated") or {}).get("message")
+            if message and (failure := parse_failure(str(message))) is not None:
+                return failure
+    return None
+
+
 def observe(
-    endpoint: LLMEndpoint, deployment: Manifest | None, pods: list[Manifest], events: list[Manifest]
+    endpoint: LLMEndpoint,
+    deployment: Manifest | None,
+    pods: list[Manifest],
+    events: list[Manifest],
+    loads: Mapping[str, LoadStatus] | None = None,
 ) -> Observation:
-    """Reduce the children to the facts that decide phase and conditions."""
+    """Reduce the children to the facts that decide phase and conditions; `loads`: the `/status` of the
+    loading pods that answered, by pod name."""
+    loads = loads or {}
     paused = endpoint.spec.paused
     if deployment is None:  # a new Deployment starts one replica (a paused one is scaled down at once)
         return Observation(1, 0, True, 0, None, None, None, None, paused)
@@ -134,6 +158,13 @@ def observe(
         reason, message = min((w for _, w in waiting_pods), key=lambda w: BROKEN_WAITING.index(w[0]))
         count = sum(1 for _, w in waiting_pods if w[0] == reason)
         broken = Finding(reason, f"{count} pod(s) in {reason}: {message}".rstrip(": "))
+    failures = [f for p in live if (f := load_failure(p))]
+    if (reported := progress.failed(list(loads.values()))) is not None:
+        failures.append(reported)
+    if failures:  # what to fix, said by the server itself: before the kubelet's back-off
+        broken = Finding(
+            failures[0].reason or "LoadFailed", failures[0].message or "the model failed to load"
+        )
 
     pending = [p for p in live if conditions(p).get("PodScheduled", {}).get("reason") == "Unschedulable"]
     if pending:
@@ -149,7 +180,13 @@ def observe(
     not_ready = [p for p in live if not condition_true(p, "Ready") and p not in pending]
     running = [p for p in not_ready if p.get("status", {}).get("phase") == "Running"]
     if running:
-        loading = Finding("ModelLoading", f"{len(running)} replica(s) loading {_model_name(endpoint)}")
+        read = [loads[p["metadata"]["name"]] for p in running if p["metadata"]["name"] in loads]
+        shown = progress.loading_message(read, len(running))
+        loading = (
+            Finding(*shown)
+            if shown
+            else Finding("ModelLoading", f"{len(running)} replica(s) loading {_model_name(endpoint)}")
+        )
     if len(running) < len(not_ready):
         starting = Finding("ContainerCreating", f"{len(not_ready) - len(running)} pod(s) starting")
     return Observation(
@@ -167,7 +204,7 @@ def _model_name(endpoint: LLMEndpoint) -> str:
 def assess(seen: Observation) -> tuple[Phase, dict[ConditionType, tuple[bool, str, str]]]:
     """Phase and each condition's (status, reason, message) from the observed facts."""
     ratio = f"{seen.ready}/{seen.desired} replicas ready"
-    blocker = seen.unschedulable or seen.loading or seen.starting
+    blocker = seen.resolving or seen.unschedulable or seen.loading or seen.starting
     broken = seen.refused or seen.broken
     if seen.refused:
         phase: Phase = "Failed"
@@ -192,6 +229,9 @@ def assess(seen: Observation) -> tuple[Phase, dict[ConditionType, tuple[bool, st
     elif seen.broken:
         phase = "Failed"
         ready = (False, seen.broken.reason, seen.broken.message)
+    elif seen.resolving:
+        phase = "Pending"
+        ready = (False, seen.resolving.reason, seen.resolving.message)
     elif seen.unschedulable:
         phase = "Pending"
         ready = (False, seen.unschedulable.reason, seen.unschedulable.message)
@@ -207,6 +247,8 @@ def assess(seen: Observation) -> tuple[Phase, dict[ConditionType, tuple[bool, st
 
     if phase == "Failed" and broken:
         progressing = (False, broken.reason, broken.message)
+    elif seen.resolving:
+        progressing = (True, seen.resolving.reason, seen.resolving.message)
     elif seen.desired == 0 and seen.live_pods:
         progressing = (True, "ScalingDown", f"{seen.live_pods} pod(s) stopping")
     elif seen.ready < seen.desired or seen.rolling_out:
@@ -227,11 +269,15 @@ def compute_status(
     now: datetime,
     url: str,
     refused: Finding | None = None,
+    resolving: Finding | None = None,
+    loads: Mapping[str, LoadStatus] | None = None,
 ) -> LLMEndpointStatus:
     """The endpoint's whole status; a condition keeps its lastTransitionTime while its status holds.
 
-    `refused`: why the operator renders nothing for the endpoint; it makes the endpoint Failed."""
-    seen = replace(observe(endpoint, deployment, pods, events), refused=refused)
+    `refused`: why the operator renders nothing for the endpoint; it makes the endpoint Failed.
+    `resolving`: why its revision is not resolved yet (the Hub could not be asked). `loads`: the `/status`
+    of its loading pods, by name. `status.model` is the endpoint's (as recorded this pass)."""
+    seen = replace(observe(endpoint, deployment, pods, events, loads), refused=refused, resolving=resolving)
     phase, verdicts = assess(seen)
     generation = endpoint.metadata.generation
     written = []
@@ -260,18 +306,29 @@ def compute_status(
         api_key_hash=endpoint.status.api_key_hash,
         wake_requested_at=endpoint.status.wake_requested_at,
         wake_acknowledged=endpoint.status.wake_acknowledged,
+        model=endpoint.status.model,
+        adapters=adapters_shown(endpoint, loads or {}),
         conditions=written,
     )
 
 
+def adapters_shown(endpoint: LLMEndpoint, loads: Mapping[str, LoadStatus]) -> list[str] | None:
+    """`status.adapters`: what the replicas read this pass report loaded, else what was shown before; None
+    for an endpoint without spec.adapters."""
+    if not endpoint.spec.adapters:
+        return None
+    read = progress.loaded_adapters(list(loads.values()))
+    return read if read is not None else endpoint.status.adapters
+
+
 def status_patch(status: LLMEndpointStatus) -> Manifest:
     """The status as written by the operator: everything but lastRequestTime (the autoscaler's) and
-    wakeRequestedAt (the gateway's), which the merge patch leaves as they are; apiKeyHash always, null
-    when there is none, so a hash no longer wanted is removed."""
+    wakeRequestedAt (the gateway's), which the merge patch leaves as they are; apiKeyHash, model and adapters
+    always, null when there are none, so what is no longer wanted is removed."""
     patch = status.model_dump(
         by_alias=True, exclude_none=True, mode="json", exclude={"last_request_time", "wake_requested_at"}
     )
-    return {**patch, "apiKeyHash": patch.get("apiKeyHash")}
+    return {**patch, **{key: patch.get(key) for key in ("apiKeyHash", "model", "adapters")}}
 
 
 def wake_due(status: LLMEndpointStatus) -> bool:
@@ -297,7 +354,9 @@ class Announcement:
     message: str
 
 
-WARNING_REASONS = frozenset({"WaitingForGPU", "Unschedulable", "ProgressDeadlineExceeded", *BROKEN_WAITING})
+WARNING_REASONS = frozenset(
+    {"WaitingForGPU", "Unschedulable", "ProgressDeadlineExceeded", HUB_UNREACHABLE, *BROKEN_WAITING}
+)
 
 
 def announcement(previous: LLMEndpointStatus, current: LLMEndpointStatus) -> Announcement | None:

@@ -1,4 +1,5 @@
-"""`python -m llm_serving` / `torchrun --nproc-per-node N -m llm_serving`: parse flags and serve."""
+"""`python -m llm_serving` / `torchrun --nproc-per-node N -m llm_serving`: parse flags and serve. Imports no
+torch: the port is bound (and `/status` answers) before the model's libraries load."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import os
 from collections.abc import Sequence
 from datetime import timedelta
 
-from llm_contract import API_KEY_ENV, GRACEFUL_SHUTDOWN_ENV, SERVING_PORT
-from llm_serving.config import CacheOptions, Limits
-from llm_serving.distributed import DistSettings
-from llm_serving.loading import resolve
+from llm_contract import ADAPTER_FLAG, API_KEY_ENV, GRACEFUL_SHUTDOWN_ENV, SERVING_PORT
+from llm_serving.adapters import parse_adapters
+from llm_serving.config import CacheOptions, DistSettings, Limits
 from llm_serving.server import ServerOptions, serve
+from llm_serving.source import resolve
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
@@ -26,6 +27,14 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
     )
     p.add_argument("--revision", default=env("REVISION"), help="Hub revision; pin a commit in production")
     p.add_argument("--hf-token-env", default="HF_TOKEN", help="env var holding the Hub token")
+    p.add_argument(
+        ADAPTER_FLAG,
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE[@REVISION]",
+        help="a LoRA adapter (peft) served as NAME, SOURCE read like --model; repeatable; its Hub token "
+        "from env ADAPTER_TOKEN_<NAME>",
+    )
     p.add_argument(
         "--host", default=env("LLM_SERVING_HOST", "0.0.0.0"), help="bind address ($LLM_SERVING_HOST)"
     )
@@ -101,10 +110,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
             chunked_prefill=not a.disable_chunked_prefill,
             memory_fraction=a.kv_cache_memory_fraction,
         )
+        adapters = parse_adapters(a.adapter, os.environ)
     except ValueError as exc:
         p.error(str(exc))
     return ServerOptions(
         source=resolve(a.model, a.revision, env(a.hf_token_env)),
+        adapters=adapters,
         limits=limits,
         cache=cache,
         host=a.host,

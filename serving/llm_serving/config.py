@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from datetime import timedelta
+
+COMPUTE_TYPE_ENV = "COMPUTE_TYPE"
+"""Env of the serving container that sets TGI's `x-compute-type` header (as TGI reads it)."""
 
 
 @dataclass(frozen=True)
@@ -62,3 +67,25 @@ def check_capacity(limits: Limits, capacity: int) -> None:
             "the KV cache cannot hold one request of maximal length; give more memory "
             "(--kv-cache-memory-fraction, --max-batch-total-tokens) or lower --max-total-tokens"
         )
+
+
+@dataclass(frozen=True)
+class DistSettings:
+    work_timeout: timedelta = timedelta(seconds=120)
+    """Bound on a collective while work is in flight: the longest a step may take on one rank beyond the
+    others (a first step's warm-up included)."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun launch (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def launch_ranks() -> Ranks:
+    """The ranks torchrun set in the environment; read before torch is imported."""
+    env = os.environ.get
+    return Ranks(int(env("RANK", "0")), int(env("WORLD_SIZE", "1")), int(env("LOCAL_RANK", "0")))

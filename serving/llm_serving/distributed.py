@@ -12,13 +12,14 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
+from llm_serving.config import DistSettings, launch_ranks
 from llm_serving.engine.runner import ModelRunner, StepPlan
 
 log = logging.getLogger("llm_serving.distributed")
@@ -28,31 +29,24 @@ IDLE_TIMEOUT = timedelta(days=365)
 
 
 @dataclass(frozen=True)
-class DistSettings:
-    work_timeout: timedelta = timedelta(seconds=120)
-    """Bound on a collective while work is in flight: the longest a step may take on one rank beyond the
-    others (a first step's warm-up included)."""
-
-
-@dataclass(frozen=True)
 class DistContext:
     rank: int
     world_size: int
     local_rank: int
     group: dist.ProcessGroup | None
     """The gloo group plans travel on (None alone); the model's collectives use the default group."""
-    settings: DistSettings = DistSettings()
+    settings: DistSettings = field(default_factory=DistSettings)
 
     @property
     def is_driver(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed(settings: DistSettings = DistSettings()) -> DistContext:
+def init_distributed(settings: DistSettings | None = None) -> DistContext:
     """Join torchrun's group (NCCL on GPU, gloo on CPU) plus a gloo group for plans; a no-op alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    settings = settings or DistSettings()
+    ranks = launch_ranks()
+    rank, world, local_rank = ranks.rank, ranks.world_size, ranks.local_rank
     if world == 1:
         return DistContext(rank=0, world_size=1, local_rank=0, group=None, settings=settings)
     cuda = torch.cuda.is_available()

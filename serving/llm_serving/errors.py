@@ -26,7 +26,7 @@ class ServingError(Exception):
         """Extra response headers."""
         return {}
 
-    def body(self) -> dict[str, str]:
+    def body(self) -> dict[str, object]:
         """The TGI `ErrorResponse` body."""
         return {"error": self.text, "error_type": self.error_type}
 
@@ -41,6 +41,50 @@ class ValidationError(ServingError):
     status = 422
     error_type = "validation"
     prefix = "Input validation error: "
+
+
+class ToolError(ServingError):
+    """A request's tools or tool choice cannot be used (TGI's `ToolError`)."""
+
+    status = 422
+    error_type = "tool_error"
+    prefix = "Tool error: "
+
+
+class ModelNotFoundError(ServingError):
+    """An OpenAI `model` that is neither the base model nor a loaded LoRA adapter: 404 in OpenAI's shape."""
+
+    status = 404
+    error_type = "model_not_found"
+
+    def body(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.text,
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": self.error_type,
+            }
+        }
+
+
+class SuffixError(ServingError):
+    """`/v1/completions` with a `suffix`, refused before any answer starts (TGI's own error type)."""
+
+    status = 422
+    error_type = "suffix not supported"
+
+    def __init__(
+        self, message: str = "Suffix is not supported and can be achieved by preprocessing the prompt."
+    ) -> None:
+        super().__init__(message)
+
+
+class BatchSizeError(ServingError):
+    """`/v1/completions` with more prompts than `max_client_batch_size` (TGI's own error type)."""
+
+    status = 422
+    error_type = "batch size exceeded"
 
 
 class OverloadedError(ServingError):

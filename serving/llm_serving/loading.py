@@ -1,56 +1,28 @@
-"""Model loading: a local directory, a GGUF file, a Hub repo at a pinned revision, or a model in a package."""
+"""Model loading: a local directory, a GGUF file, a Hub repo at a pinned revision, or a model in a package.
+
+Weights are read at the disk's sequential bandwidth and counted on the `LoadingWeights` phase: on CPU the
+safetensors files are read once into the page cache and then memory-mapped by `from_pretrained` (no copy);
+on one GPU they are streamed through pinned buffers straight into device memory; under tensor parallelism
+`from_pretrained` maps the files and each rank materialises only its own shard. A GGUF model is converted
+once to safetensors (`llm_serving.converted`) and later starts load that copy."""
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.distributed import DistributedConfig  # type: ignore[attr-defined]
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.utils import GENERATION_CONFIG_NAME
 
-PACKAGE_PREFIX = "pkg:"
+from llm_serving.converted import ensure_converted
+from llm_serving.progress import Progress
+from llm_serving.source import ModelSource, resolve
+from llm_serving.weights import checkpoint_files, prefetch, read_to_device, total_bytes
 
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the weights come from, as `from_pretrained` arguments."""
-
-    model_id: str
-    location: str
-    gguf_file: str | None = None
-    revision: str | None = None
-    token: str | None = None
-
-
-def _package_dir(name: str) -> Path:
-    """The folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        raise FileNotFoundError(f"package {name!r} is not installed")
-    if spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations)))
-    if spec.origin is None:
-        raise FileNotFoundError(f"package {name!r} has no files")
-    return Path(spec.origin).parent
-
-
-def resolve(spec: str, revision: str | None = None, token: str | None = None) -> ModelSource:
-    """Interpret `--model`: `pkg:<package>`, a `.gguf` path, a local directory, or a Hub repo id."""
-    if spec.startswith(PACKAGE_PREFIX):
-        folder = _package_dir(spec[len(PACKAGE_PREFIX) :])
-        ggufs = sorted(folder.glob("*.gguf"))
-        if ggufs:
-            return ModelSource(model_id=ggufs[0].stem, location=str(folder), gguf_file=ggufs[0].name)
-        return ModelSource(model_id=folder.name, location=str(folder))
-    path = Path(spec)
-    if path.suffix == ".gguf" and path.is_file():
-        return ModelSource(model_id=path.stem, location=str(path.parent), gguf_file=path.name)
-    if path.is_dir():
-        return ModelSource(model_id=path.name, location=str(path))
-    return ModelSource(model_id=spec, location=spec, revision=revision, token=token)
+__all__ = ["ModelSource", "eos_ids", "load", "pick_dtype", "resolve"]
 
 
 def pick_dtype(name: str) -> torch.dtype | str:
@@ -60,27 +32,92 @@ def pick_dtype(name: str) -> torch.dtype | str:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _local_folder(source: ModelSource, progress: Progress) -> Path | None:
+    """The folder to load from: the source's own, the GGUF's converted copy, or the Hub snapshot fetched
+    at the source's revision; None for a GGUF whose converted copy cannot be written."""
+    if source.gguf_file is not None:
+        message = f"converting {source.gguf_file} to safetensors (first start)"
+        progress.phase("LoadingWeights", message=message)
+        return ensure_converted(source)
+    folder = Path(source.location)
+    if folder.is_dir():
+        return folder
+    from llm_serving.download import fetch
+
+    return fetch(source.location, source.revision, source.token, progress).path
+
+
+def build_from_state_dict(folder: Path, state: dict[str, torch.Tensor], dtype: str, device: str) -> Any:
+    """The model of `folder`'s config over tensors already read (they become its parameters, no copy)."""
+    config = AutoConfig.from_pretrained(folder)
+    model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model = model_class.from_pretrained(
+        None, config=config, state_dict=state, dtype=pick_dtype(dtype), device_map=device
+    )
+    if (folder / GENERATION_CONFIG_NAME).is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model
+
+
+def _load_folder(
+    folder: Path, dtype: str, tp_size: int, device: str | None, progress: Progress
+) -> tuple[Any, Any]:
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    files = checkpoint_files(folder)
+    total = total_bytes(files)
+    progress.phase("LoadingWeights", total)
+    kwargs: dict[str, Any] = {"dtype": pick_dtype(dtype)}
+    target = torch.device(device) if device is not None else None
+    if tp_size > 1:
+        kwargs["distributed_config"] = DistributedConfig(tp_size=tp_size)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    elif target is not None and target.type != "cpu" and files:
+        model = build_from_state_dict(folder, read_to_device(files, target, progress), dtype, str(target))
+    else:
+        prefetch(files, progress)
+        if device is not None:
+            kwargs["device_map"] = device
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    progress.set_done(total)
+    return model, tokenizer
+
+
+def _load_gguf(
+    source: ModelSource, dtype: str, tp_size: int, device: str | None, progress: Progress
+) -> tuple[Any, Any]:
+    """The GGUF itself, de-quantised by transformers (when its converted copy cannot be cached)."""
+    progress.phase("LoadingWeights")
+    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file, "dtype": pick_dtype(dtype)}
+    if tp_size > 1:
+        kwargs["distributed_config"] = DistributedConfig(tp_size=tp_size)
+    elif device is not None:
+        kwargs["device_map"] = device
+    return AutoModelForCausalLM.from_pretrained(source.location, **kwargs), tokenizer
+
+
 def load(
-    source: ModelSource, dtype: str = "auto", tp_size: int = 1, device: str | None = None
+    source: ModelSource,
+    dtype: str = "auto",
+    tp_size: int = 1,
+    device: str | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer); with `tp_size` > 1 the model is sharded with its tensor-parallel plan.
+    `progress` gets `LoadingWeights` with the checkpoint's bytes, counted as they are read.
 
     On CUDA, attention runs on PyTorch's flash and memory-efficient kernels, not cuDNN's, whose decode steps
     of a continuous batch took 52-74 ms where these take 11-16 ms (H200, bf16;
     bench/results/gpu_check-h200-no-cudnn.json)."""
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(False)
-    common: dict[str, Any] = {"revision": source.revision, "token": source.token}
-    if source.gguf_file is not None:
-        common["gguf_file"] = source.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(source.location, **common)
-    kwargs: dict[str, Any] = {**common, "dtype": pick_dtype(dtype)}
-    if tp_size > 1:
-        kwargs["distributed_config"] = DistributedConfig(tp_size=tp_size)
-    elif device is not None:
-        kwargs["device_map"] = device
-    model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
-    model.eval()  # type: ignore[no-untyped-call]
+    progress = progress or Progress()
+    folder = _local_folder(source, progress)
+    if folder is None:
+        model, tokenizer = _load_gguf(source, dtype, tp_size, device, progress)
+    else:
+        model, tokenizer = _load_folder(folder, dtype, tp_size, device, progress)
+    model.eval()
     return model, tokenizer
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -43,6 +44,39 @@ class _RawCounters(Collector):
             yield metric
 
 
+class _LoraInfo(Collector):
+    """vLLM's `vllm:lora_requests_info` gauge: one sample whose labels name the adapters of the running and
+    waiting requests (comma-joined) and whose value is when that was seen (Unix seconds, as vLLM sets it). The
+    last step's sample replaces the one before (vLLM keeps old label sets; routers read the newest)."""
+
+    NAME = "vllm:lora_requests_info"
+
+    def __init__(self) -> None:
+        self._max_lora: int | None = None
+        self._sample: tuple[dict[str, str], float] | None = None
+
+    def enable(self, max_lora: int) -> None:
+        self._max_lora = max_lora
+        self.update((), ())
+
+    def update(self, running: tuple[str, ...], waiting: tuple[str, ...]) -> None:
+        if self._max_lora is None:
+            return
+        labels = {
+            "max_lora": str(self._max_lora),
+            "waiting_lora_adapters": ",".join(waiting),
+            "running_lora_adapters": ",".join(running),
+        }
+        self._sample = (labels, time.time())  # one assignment: a scrape sees the old sample or the new
+
+    def collect(self) -> Iterator[Metric]:
+        sample = self._sample
+        if sample is not None:
+            metric = Metric(self.NAME, "LoRA adapters of the running and waiting requests", "gauge")
+            metric.add_sample(self.NAME, *sample)
+            yield metric
+
+
 class Metrics:
     """Every metric the server exports, in its own registry."""
 
@@ -77,6 +111,9 @@ class Metrics:
 
         self.duration = hist("tgi_request_duration", "End-to-end request duration (s)")
         self.validation_duration = hist("tgi_request_validation_duration", "Validation duration (s)")
+        self.grammar_compile_duration = hist(
+            "tgi_request_grammar_compile_duration", "Structured-output grammar compile time, cache misses (s)"
+        )
         self.queue_duration = hist("tgi_request_queue_duration", "Time in the queue (s)")
         self.inference_duration = hist("tgi_request_inference_duration", "Inference duration (s)")
         self.time_per_token = hist("tgi_request_mean_time_per_token_duration", "Mean time per token (s)")
@@ -134,15 +171,23 @@ class Metrics:
         # TGI exposes no time-to-first-token metric; this one uses TGI's naming style.
         self.ttft = hist("tgi_request_time_to_first_token_duration", "Time to first token (s)")
         self.itl = hist("tgi_request_inter_token_duration", "Inter-token latency (s)")
+        self.v_lora_info = _LoraInfo()
+        r.register(self.v_lora_info)
 
     def set_cache_config(self, block_size: int, num_blocks: int) -> None:
         """The KV cache's layout, once it is sized."""
         self.batch_max_tokens.set(block_size * num_blocks)
         self.v_cache_config.labels(str(block_size), str(num_blocks)).set(1)
 
+    def set_adapters(self, names: tuple[str, ...]) -> None:
+        """The LoRA adapters loaded: from now on `vllm:lora_requests_info` is exported (none: never)."""
+        if names:
+            self.v_lora_info.enable(len(names))
+
     def on_step(self, stats: StepStats) -> None:
         """Record one engine step (called from the engine thread); a step that ran no rows only updates
         the gauges."""
+        self.v_lora_info.update(stats.running_adapters, stats.waiting_adapters)
         self.queue_size.set(stats.queue_size)
         self.batch_size.set(stats.batch_size)
         self.batch_tokens.set(stats.kv_tokens)

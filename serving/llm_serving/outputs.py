@@ -67,6 +67,10 @@ class StepStats:
     preemptions: int
     failed: bool = False
     """The step raised: its requests ended with a `FailureEvent`."""
+    running_adapters: tuple[str, ...] = ()
+    """LoRA adapters of the running requests (vLLM's `running_lora_adapters`)."""
+    waiting_adapters: tuple[str, ...] = ()
+    """LoRA adapters of the waiting requests."""
 
 
 @dataclass

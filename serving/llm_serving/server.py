@@ -1,38 +1,30 @@
-"""Wiring: load the model, build the engine, serve HTTP on rank 0, follow plans on the other ranks."""
+"""Wiring: serve HTTP on rank 0 from the first second (`/status`, `/health`, `/metrics`), load the model on a
+thread once the port is bound, follow plans on the other ranks. Torch-free: the heavy imports are `boot`'s."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import uvicorn
 
-from llm_contract import SERVING_PORT
-from llm_serving.config import CacheOptions, Limits, check_capacity
-from llm_serving.distributed import (
-    DistContext,
-    DistSettings,
-    agree_num_blocks,
-    follow_plans,
-    init_distributed,
-    plan_broadcaster,
-)
-from llm_serving.engine.async_engine import AsyncEngine
-from llm_serving.engine.factory import EngineConfig, build_engine, build_kv_cache
-from llm_serving.engine.kv_cache import PagedKVCache
-from llm_serving.engine.runner import ModelRunner
+from llm_contract import SERVING_PORT, failure_line
+from llm_serving.adapters import AdapterSource
+from llm_serving.config import COMPUTE_TYPE_ENV, CacheOptions, DistSettings, Limits, launch_ranks
 from llm_serving.errors import IncompleteGenerationError
 from llm_serving.http.app import build_app
 from llm_serving.http.state import AppState, ModelInfo
-from llm_serving.loading import ModelSource, eos_ids, load
 from llm_serving.metrics import Metrics
-from llm_serving.service import GenerationService
+from llm_serving.progress import LoadError, Progress
+from llm_serving.source import ModelSource
 
 log = logging.getLogger("llm_serving")
 
@@ -52,72 +44,23 @@ class ServerOptions:
     graceful_shutdown_seconds: int = 30
     """On SIGTERM: requests in progress get this long to finish (new ones get 503), then they are ended."""
     dist: DistSettings = field(default_factory=DistSettings)
+    adapters: tuple[AdapterSource, ...] = ()
+    """LoRA adapters (`--adapter`), loaded after the base model."""
 
 
-def _device(ctx: DistContext) -> str | None:
-    import torch
-
-    return f"cuda:{ctx.local_rank}" if torch.cuda.is_available() else None
-
-
-def engine_config(limits: Limits, cache: CacheOptions) -> EngineConfig:
-    return EngineConfig(
-        max_batch_prefill_tokens=limits.max_batch_prefill_tokens,
-        max_batch_size=limits.max_batch_size,
-        max_batch_total_tokens=limits.max_batch_total_tokens,
-        block_size=cache.block_size,
-        prefix_caching=cache.prefix_caching,
-        chunked_prefill=cache.chunked_prefill,
-        kv_cache_memory_fraction=cache.memory_fraction,
-    )
-
-
-def sized_kv_cache(model: Any, limits: Limits, cache: CacheOptions, ctx: DistContext) -> PagedKVCache:
-    """This rank's KV cache, the same number of blocks on every rank; ValueError (a clear refusal to start)
-    when it cannot hold one request of `max_total_tokens`."""
-    kv = build_kv_cache(model, engine_config(limits, cache), lambda n: agree_num_blocks(ctx, n))
-    check_capacity(limits, kv.num_blocks * kv.block_size)
-    log.info(
-        "rank %d: KV cache of %d blocks x %d tokens = %d tokens",
-        ctx.rank,
-        kv.num_blocks,
-        kv.block_size,
-        kv.num_blocks * kv.block_size,
-    )
-    return kv
-
-
-def build_service(
-    model: Any,
-    tokenizer: Any,
-    limits: Limits,
-    metrics: Metrics,
-    ctx: DistContext,
-    cache: CacheOptions | None = None,
-) -> GenerationService:
-    """Engine thread + service around an already loaded model (rank 0); the service's limits carry the
-    KV cache's real capacity."""
-    cache = cache or CacheOptions()
-    kv = sized_kv_cache(model, limits, cache, ctx)
-    engine = build_engine(
-        model,
-        tokenizer,
-        eos_ids(model, tokenizer),
-        engine_config(limits, cache),
-        broadcast=plan_broadcaster(ctx),
-        cache=kv,
-    )
-    metrics.set_cache_config(kv.block_size, kv.num_blocks)
-    async_engine = AsyncEngine(engine, limits.max_concurrent_requests, on_step=metrics.on_step)
-    effective = replace(limits, max_batch_total_tokens=engine.max_batch_total_tokens)
-    return GenerationService(async_engine, tokenizer, effective, metrics)
+def failure_of(exc: BaseException) -> tuple[str, str]:
+    """(reason, message) of a load that raised `exc`: a `LoadError`'s own, else `LoadFailed`."""
+    if isinstance(exc, LoadError):
+        return exc.reason, exc.message
+    return "LoadFailed", f"{type(exc).__name__}: {exc}"
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, with a drain on the first SIGTERM/SIGINT: `/health` and new requests answer 503 while the
     requests in progress finish; after `drain_seconds` the generations still open end with an error event.
     A second signal stops at once. With `exit_on_engine_failure` (tensor parallel: the other ranks are lost)
-    a dead engine stops the server too, once its requests have their error."""
+    a dead engine stops the server too, once its requests have their error. `on_listening` runs once the
+    port is bound."""
 
     def __init__(
         self,
@@ -125,12 +68,20 @@ class DrainingServer(uvicorn.Server):
         state: AppState,
         drain_seconds: float,
         exit_on_engine_failure: bool = False,
+        on_listening: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(config)
+        self._on_listening = on_listening
         self._state = state
         self._drain_seconds = drain_seconds
         self._drain_deadline: float | None = None
         self._exit_on_engine_failure = exit_on_engine_failure
+
+    async def startup(self, sockets: Any = None) -> None:
+        """Bind, then call `on_listening` (the model loads from then on)."""
+        await super().startup(sockets)
+        if self.started and self._on_listening is not None:
+            self._on_listening()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self._drain_deadline is not None or self.should_exit:
@@ -174,37 +125,47 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(options: ServerOptions) -> None:
-    """Run the whole server until SIGTERM/SIGINT (then drain); exits non-zero if the model failed to load
-    or the engine failed."""
-    ctx = init_distributed(options.dist)
-    device = _device(ctx)
-    if not ctx.is_driver:
+    """Run the whole server until SIGTERM/SIGINT (then drain). Exits non-zero if the engine failed, or if the
+    model failed to load: then the last line on stderr is `llm_contract.failure_line` of the status."""
+    ranks = launch_ranks()
+    if ranks.rank != 0:
         # Rank 0 drains open streams on SIGTERM and then sends the stop plan; the followers must outlive it.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        model, _ = load(options.source, options.dtype, ctx.world_size, device)
-        log.info("rank %d/%d: model loaded, tensor parallel %d", ctx.rank, ctx.world_size, model.tp_size or 1)
-        kv = sized_kv_cache(model, options.limits, options.cache, ctx)
-        follow_plans(ctx, ModelRunner(model, kv))
+        from llm_serving import boot
+
+        boot.follow(options)
         return
+    progress = Progress()
     metrics = Metrics(options.source.model_id)
     state = AppState(
         limits=options.limits,
         metrics=metrics,
-        model=ModelInfo(model_id=options.source.model_id, model_sha=options.source.revision),
+        model=ModelInfo(
+            model_id=options.source.model_id,
+            model_sha=options.source.revision,
+            adapters=tuple(a.name for a in options.adapters),
+        ),
+        progress=progress,
         api_key=options.api_key,
     )
 
     def load_model() -> None:
         try:
-            model, tokenizer = load(options.source, options.dtype, ctx.world_size, device)
-            state.service = build_service(model, tokenizer, options.limits, metrics, ctx, options.cache)
-            log.info("rank 0/%d: model loaded, tensor parallel %d", ctx.world_size, model.tp_size or 1)
+            from llm_serving import boot  # torch and transformers: only once `/status` answers
+
+            service = boot.load_service(options, progress, metrics)
+            state.compute_type = os.environ.get(COMPUTE_TYPE_ENV) or boot.compute_type()
+            if commit := progress.snapshot().revision:  # a Hub repo: `/info` reports the commit loaded
+                state.model = replace(state.model, model_sha=commit)
+            progress.phase("Ready")
+            state.service = service
             log.info("model %s loaded; ready", options.source.model_id)
         except Exception as exc:
-            state.load_error = f"{type(exc).__name__}: {exc}"
+            progress.fail(*failure_of(exc))
             log.exception("model failed to load")
             server.should_exit = True
 
+    loader = threading.Thread(target=load_model, name="loader", daemon=True)
     config = uvicorn.Config(
         build_app(state),
         host=options.host,
@@ -212,15 +173,20 @@ def serve(options: ServerOptions) -> None:
         timeout_graceful_shutdown=END_FLUSH_SECONDS,
         log_level="info",
         access_log=False,
+        server_header=False,  # TGI (hyper) sends none
     )
-    server = DrainingServer(config, state, options.graceful_shutdown_seconds, ctx.world_size > 1)
-    loader = threading.Thread(target=load_model, name="loader", daemon=True)
-    loader.start()
+    server = DrainingServer(
+        config, state, options.graceful_shutdown_seconds, ranks.world_size > 1, on_listening=loader.start
+    )
     server.run()
-    loader.join()
+    if loader.ident is not None:  # started: the port was bound
+        loader.join()
     if state.service is not None:
         state.service.close()
         if state.service.failure is not None:
             raise SystemExit(f"engine failed: {state.service.failure}")
-    if state.load_error is not None:
-        raise SystemExit(f"model failed to load: {state.load_error}")
+    status = progress.snapshot()
+    if status.phase == "Failed":
+        sys.stderr.write(failure_line(status) + "\n")
+        sys.stderr.flush()
+        raise SystemExit(1)

@@ -16,6 +16,7 @@ from llm_serving.errors import NoFastTokenizerError, ServingError, UnhealthyErro
 from llm_serving.metrics import Metrics
 from llm_serving.outputs import Generation, GenerationResult, StreamItem
 from llm_serving.protocol.tgi import GenerateParameters, SimpleToken
+from llm_serving.sampling.grammar import grammars_for
 from llm_serving.sampling.params import FrequencyRule, StoppingParams
 from llm_serving.tokens import simple_tokens
 from llm_serving.validation import ValidRequest, check_input_length, validate_input, validate_parameters
@@ -29,11 +30,20 @@ T = TypeVar("T")
 class GenerationService:
     """Everything between a parsed request and the engine."""
 
-    def __init__(self, engine: AsyncEngine | None, tokenizer: Any, limits: Limits, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine | None,
+        tokenizer: Any,
+        limits: Limits,
+        metrics: Metrics,
+        adapters: tuple[str, ...] = (),
+    ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.limits = limits
         self.metrics = metrics
+        self.adapters = adapters
+        """The LoRA adapters loaded (requests may name them)."""
         self._validation = ThreadPoolExecutor(limits.validation_workers, thread_name_prefix="validation")
 
     async def off_loop(self, work: Callable[[], T]) -> T:
@@ -43,11 +53,11 @@ class GenerationService:
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def simple_tokens(self, text: str) -> list[SimpleToken]:
+    def simple_tokens(self, text: str, *, add_special_tokens: bool = True) -> list[SimpleToken]:
         """`/tokenize`: more than `max_input_tokens` tokens is refused before the answer is built."""
         if not getattr(self.tokenizer, "is_fast", False):
             raise NoFastTokenizerError()
-        encoding = self.tokenizer(text, return_offsets_mapping=True)
+        encoding = self.tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
         ids = encoding["input_ids"]
         check_input_length(len(ids), self.limits)
         return simple_tokens(text, ids, encoding["offset_mapping"])
@@ -63,7 +73,13 @@ class GenerationService:
     ) -> ValidRequest:
         """Apply TGI's rules; raises `ValidationError` (counted as a failed request, as TGI does)."""
         try:
-            valid = validate_parameters(params, self.limits, stream=stream, frequency_rule=frequency_rule)
+            valid = validate_parameters(
+                params, self.limits, stream=stream, frequency_rule=frequency_rule, adapters=self.adapters
+            )
+            if valid.sampling.grammar is not None:
+                compiled_in = grammars_for(self.tokenizer).compile(valid.sampling.grammar)
+                if compiled_in is not None:
+                    self.metrics.grammar_compile_duration.observe(compiled_in)
             if not inputs:
                 raise ValidationError("`inputs` cannot be empty")
             ids = self.tokenize(inputs, add_special_tokens=add_special_tokens)
@@ -102,7 +118,9 @@ class GenerationService:
         self.metrics.on_request_start()
         error: str | None = "dropped"
         try:
-            tokens = engine.generate(valid.input_ids, sampling, stopping, valid.params.decoder_input_details)
+            tokens = engine.generate(
+                valid.input_ids, sampling, stopping, valid.params.decoder_input_details, valid.params.adapter
+            )
             async with aclosing(tokens):
                 async for event in tokens:
                     now = time.monotonic()

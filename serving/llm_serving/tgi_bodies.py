@@ -106,22 +106,3 @@ def stream_response(
             }
             event["details"] = details
     return event
-
-
-def timing_headers(result: GenerationResult) -> dict[str, str]:
-    """TGI's `x-*` timing headers for non-streamed answers (milliseconds)."""
-    best = result.best
-    inference = max(0.0, result.total_time - best.queue_time)
-    per_token = inference / max(1, len(best.tokens))
-    return {
-        "x-compute-type": "cpu+optimized",
-        "x-compute-time": f"{result.total_time:.3f}",
-        "x-compute-characters": str(len(result.request.inputs)),
-        "x-total-time": str(int(result.total_time * 1000)),
-        "x-validation-time": "0",
-        "x-queue-time": str(int(best.queue_time * 1000)),
-        "x-inference-time": str(int(inference * 1000)),
-        "x-time-per-token": str(int(per_token * 1000)),
-        "x-prompt-tokens": str(len(result.request.input_ids)),
-        "x-generated-tokens": str(len(best.tokens)),
-    }

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 
+from llm_serving.adapters import tgi_adapter
 from llm_serving.config import Limits
 from llm_serving.errors import ValidationError
-from llm_serving.protocol.tgi import GenerateParameters
-from llm_serving.sampling.params import FrequencyRule, SamplingParams
+from llm_serving.protocol.tgi import GenerateParameters, Grammar
+from llm_serving.sampling.grammar import GrammarError
+from llm_serving.sampling.params import FrequencyRule, GrammarSpec, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,8 @@ class ValidParameters:
     details: bool
     decoder_input_details: bool
     return_full_text: bool | None
+    adapter: str | None = None
+    """The LoRA adapter to run with (None: the base model)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,34 @@ def _check_open_unit(name: str, value: float | None) -> float:
     return f32
 
 
+def _schema_text(schema: object) -> str:
+    """A JSON Schema given as an object or as its JSON text, as JSON text (a string is parsed, like TGI)."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as exc:
+            raise GrammarError(f"the JSON schema is not JSON: {exc}") from None
+    return json.dumps(schema, ensure_ascii=False)
+
+
+def grammar_spec(grammar: Grammar) -> GrammarSpec:
+    """TGI's `grammar` (or an OpenAI `response_format` mapped to it) as the engine's `GrammarSpec`; the
+    grammar itself is compiled (and checked) by `llm_serving.sampling.grammar`. Pure."""
+    if grammar.type == "regex":
+        if not isinstance(grammar.value, str):
+            raise GrammarError("a regex must be a string")
+        return GrammarSpec("regex", grammar.value)
+    if grammar.type == "json_schema":
+        if not isinstance(grammar.value, dict) or "schema" not in grammar.value:
+            raise GrammarError("`json_schema` needs a `schema`")
+        return GrammarSpec("json_schema", _schema_text(grammar.value["schema"]))
+    if grammar.value is None and grammar.type == "json_object":
+        return GrammarSpec("json_object")
+    if not isinstance(grammar.value, dict | str):
+        raise ValidationError("grammar is not supported")  # TGI's answer to a JSON value of another type
+    return GrammarSpec("json_schema", _schema_text(grammar.value))
+
+
 def validate_parameters(
     p: GenerateParameters,
     limits: Limits,
@@ -73,13 +107,14 @@ def validate_parameters(
     stream: bool,
     frequency_rule: FrequencyRule = FrequencyRule.TGI,
     rng: random.Random | None = None,
+    adapters: Collection[str] = (),
 ) -> ValidParameters:
     """Apply every rule of TGI's `validate()` that does not need the tokenized input.
 
     `frequency_rule` is the API's meaning of `frequency_penalty` (TGI routes: TGI's; OpenAI routes: OpenAI's).
     As in TGI, the router's `best_of` rule counts any warper that is given, while the request samples when
     `do_sample` is set or a warper differs from its neutral value (TGI's `NextTokenChooser`): an explicit
-    `temperature: 1.0` alone is greedy.
+    `temperature: 1.0` alone is greedy. `adapter_id`, when given, must name one of the loaded `adapters`.
     """
     warper_given = any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
     best_of = 1 if p.best_of is None else p.best_of
@@ -118,8 +153,6 @@ def validate_parameters(
             f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. "
             f"Given: {p.truncate}"
         )
-    if p.grammar is not None:
-        raise ValidationError("grammar is not supported")
     params = SamplingParams(
         temperature=temperature,
         top_k=top_k,
@@ -130,6 +163,7 @@ def validate_parameters(
         frequency_rule=frequency_rule,
         watermark=p.watermark,
         top_n_tokens=top_n,
+        grammar=None if p.grammar is None else grammar_spec(p.grammar),
     )
     sampling = p.do_sample or params.warps
     seed = p.seed
@@ -145,6 +179,7 @@ def validate_parameters(
         details=p.details,
         decoder_input_details=p.decoder_input_details,
         return_full_text=p.return_full_text,
+        adapter=tgi_adapter(p.adapter_id, adapters),
     )
 
 

@@ -116,6 +116,7 @@ def test_pods_meet_the_restricted_pod_security_standard(cluster: Cluster) -> Non
         ("gateway.internalCIDRs={10.0.0.0}", "/gateway/internalCIDRs/0"),
         ("operator.imagePolicy=none", "/operator/imagePolicy"),
         ("gateway.preStopSeconds=0", "/gateway/preStopSeconds"),
+        ("hub.endpoint=hf-mirror.internal", "/hub/endpoint"),
     ],
 )
 def test_a_wrong_value_fails_with_a_message_naming_it(cluster: Cluster, value: str, field: str) -> None:
@@ -153,9 +154,9 @@ def test_the_internal_networks_are_required(cluster: Cluster) -> None:
     ]
 
 
-def test_the_endpoints_network_policies_select_the_charts_gateway_pods(cluster: Cluster) -> None:
-    """The operator's flags name the gateway's namespace and pod labels, so the NetworkPolicy it renders
-    admits exactly the chart's gateway pods."""
+def test_the_endpoints_network_policies_select_the_charts_gateway_and_operator_pods(cluster: Cluster) -> None:
+    """The operator's flags name the gateway's and its own namespace and pod labels, so the NetworkPolicy it
+    renders admits exactly the chart's gateway pods, and its operator pods (which read `/status`)."""
     docs = render(cluster)
     settings = operator_settings(
         operator_parse_args(container_args(component(docs, "Deployment", "operator")))
@@ -166,16 +167,19 @@ def test_the_endpoints_network_policies_select_the_charts_gateway_pods(cluster: 
     policy = next(
         d for d in rendered if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "falcon-40b"
     )
-    (peer,) = policy["spec"]["ingress"][0]["from"]
+    peer, operator_peer = policy["spec"]["ingress"][0]["from"]
     assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "llm-system"}}
     pod_labels = gateway["spec"]["template"]["metadata"]["labels"]
+    operator_labels = component(docs, "Deployment", "operator")["spec"]["template"]["metadata"]["labels"]
     selected = peer["podSelector"]["matchLabels"]
     assert selected.items() <= pod_labels.items()
     assert selected["app.kubernetes.io/instance"] == "rel"  # not another release's gateway
-    assert (
-        not selected.items()
-        <= component(docs, "Deployment", "operator")["spec"]["template"]["metadata"]["labels"].items()
-    )
+    assert not selected.items() <= operator_labels.items()
+    assert operator_peer["namespaceSelector"] == peer["namespaceSelector"]
+    operators = operator_peer["podSelector"]["matchLabels"]
+    assert operators.items() <= operator_labels.items()
+    assert operators["app.kubernetes.io/instance"] == "rel"
+    assert not operators.items() <= pod_labels.items()
 
 
 def test_the_image_policy_values_reach_the_operator(cluster: Cluster) -> None:
@@ -192,7 +196,22 @@ def test_the_image_policy_values_reach_the_operator(cluster: Cluster) -> None:
         system_namespace="llm-system",
         gateway_namespace="llm-system",
         gateway_labels=settings.gateway_labels,
+        operator_labels=settings.operator_labels,
     )  # every other value defaults to the operator's own default
+
+
+def test_the_hub_endpoint_value_reaches_the_operator(cluster: Cluster) -> None:
+    """`hub.endpoint`: where the operator resolves revisions, and what serving pods get as HF_ENDPOINT."""
+    docs = render(cluster, "hub.endpoint=https://hf-mirror.internal")
+    settings = operator_settings(
+        operator_parse_args(container_args(component(docs, "Deployment", "operator")))
+    )
+    assert settings.hub_url == "https://hf-mirror.internal"
+    assert settings.hf_endpoint == "https://hf-mirror.internal"
+    default = operator_settings(
+        operator_parse_args(container_args(component(render(cluster), "Deployment", "operator")))
+    )
+    assert default.hf_endpoint is None
 
 
 def test_a_stopping_gateway_pod_is_unlisted_first_then_drains(cluster: Cluster) -> None:

@@ -145,6 +145,49 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
     ("bad-cache-size", {"model": REPO, "cache": {"size": "big"}}, "bad", "spec.cache.size"),
     ("unknown-field", {"model": REPO, "replicas": 3}, "bad", "spec.replicas"),
     ("name-too-long", {"model": REPO}, "a" * 51, "metadata.name"),
+    (
+        "adapter-names-repeat",
+        {"model": REPO, "adapters": [{"name": "sql", "path": "/a"}, {"name": "sql", "repository": "org/b"}]},
+        "bad",
+        "spec.adapters[].name must be unique",
+    ),
+    (
+        "too-many-adapters",
+        {"model": REPO, "adapters": [{"name": f"a{i}", "path": f"/a{i}"} for i in range(17)]},
+        "bad",
+        "spec.adapters: Too many: 17",
+    ),
+    ("adapter-without-source", {"model": REPO, "adapters": [{"name": "sql"}]}, "bad", "spec.adapters[0]"),
+    (
+        "adapter-two-sources",
+        {"model": REPO, "adapters": [{"name": "sql", "path": "/a", "package": "p"}]},
+        "bad",
+        "spec.adapters[0]",
+    ),
+    (
+        "adapter-name-not-a-label",
+        {"model": REPO, "adapters": [{"name": "SQL_v1", "path": "/a"}]},
+        "bad",
+        "spec.adapters[0].name",
+    ),
+    (
+        "adapter-named-like-the-base-model",
+        {"model": REPO, "adapters": [{"name": "tgi", "path": "/a"}]},
+        "bad",
+        "spec.adapters[0].name",
+    ),
+    (
+        "adapters-with-tensor-parallelism",
+        {"model": REPO, "accelerator": A100x4, "adapters": [{"name": "sql", "path": "/a"}]},
+        "bad",
+        "spec.adapters: Invalid value",
+    ),
+    (
+        "adapter-revision-without-repository",
+        {"model": REPO, "adapters": [{"name": "sql", "path": "/a", "revision": "main"}]},
+        "bad",
+        "spec.adapters[0].revision",
+    ),
 ]
 
 
@@ -219,8 +262,8 @@ def test_cache_fields_are_guarded_on_update(
 def test_printer_columns(cluster: Cluster, namespace: str) -> None:
     kubectl_apply(cluster, endpoint("columns", namespace, {"model": REPO, "accelerator": A100x4}))
     header = cluster.kubectl("get", "llme", "columns", "-n", namespace).stdout.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "READY", "URL", "GPUS", "AGE"]
+    assert header == ["NAME", "PHASE", "READY", "URL", "GPUS", "REASON", "MESSAGE", "AGE"]
     wide = cluster.kubectl("get", "llme", "columns", "-n", namespace, "-o", "wide").stdout.splitlines()
-    assert wide[0].split() == ["NAME", "PHASE", "READY", "URL", "GPUS", "REASON", "MODEL", "AGE"]
+    assert wide[0].split() == ["NAME", "PHASE", "READY", "URL", "GPUS", "REASON", "MESSAGE", "MODEL", "AGE"]
     assert "4" in wide[1].split()
     assert "llme" in cluster.kubectl("api-resources", "--api-group=llm-endpoints.io").stdout

@@ -129,3 +129,48 @@ def test_a_pod_acts_as_its_service_account(
     log = cluster.pod_log(namespace, "who")
     expected = f"system:serviceaccount:{namespace}:default"
     wait_for(lambda: log.exists() and expected in log.read_text(), 60, f"{expected} in {log}")
+
+
+def test_a_failed_container_reports_its_log_tail_as_termination_message(
+    core: k8s.CoreV1Api, namespace: str, local_node: str
+) -> None:
+    script = "import sys; print('x' * 3000); print('the cache is full'); sys.exit(3)"
+    body = pod(
+        "fail",
+        [sys.executable, "-c", script],
+        terminationMessagePolicy="FallbackToLogsOnError",
+    )
+    core.create_namespaced_pod(namespace, body)
+
+    def exited() -> Any:
+        statuses = core.read_namespaced_pod("fail", namespace).status.container_statuses or []
+        return statuses[0].last_state.terminated if statuses and statuses[0].last_state.terminated else None
+
+    terminated = wait_for(exited, 60, "a terminated last state")
+    assert terminated.exit_code == 3
+    assert terminated.reason == "Error"
+    assert terminated.started_at <= terminated.finished_at
+    assert terminated.message.endswith("the cache is full\n")
+    assert len(terminated.message.encode()) <= 2048  # the kubelet's cap: the 3000-byte line is cut
+
+
+def test_a_container_that_succeeds_or_has_the_file_policy_reports_no_log_message(
+    core: k8s.CoreV1Api, namespace: str, local_node: str
+) -> None:
+    core.create_namespaced_pod(namespace, pod("done", [sys.executable, "-c", "print('fine')"]))
+    core.create_namespaced_pod(
+        namespace, pod("file", [sys.executable, "-c", "print('oops'); raise SystemExit(2)"])
+    )
+
+    def exits() -> Any:
+        found = {}
+        for name in ("done", "file"):
+            statuses = core.read_namespaced_pod(name, namespace).status.container_statuses or []
+            if not (statuses and statuses[0].last_state.terminated):
+                return None
+            found[name] = statuses[0].last_state.terminated
+        return found
+
+    found = wait_for(exits, 60, "both containers to have exited")
+    assert (found["done"].exit_code, found["done"].reason, found["done"].message) == (0, "Completed", None)
+    assert (found["file"].exit_code, found["file"].reason, found["file"].message) == (2, "Error", None)

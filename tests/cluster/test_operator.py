@@ -27,6 +27,8 @@ from tests.cluster.operator_support import condition, get, kubectl_apply
 pytestmark = pytest.mark.cluster
 
 CHILD_KINDS = ("deployment", "service", "poddisruptionbudget", "networkpolicy")
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+"""A pinned revision: nothing to resolve on a Hub (test_revisions.py resolves branches on a stand-in one)."""
 CONVERGE = 60.0
 
 
@@ -85,7 +87,7 @@ def test_reconcile_creates_children_with_owner_references(
     cluster: Cluster, namespace: str, operator: OperatorProcess
 ) -> None:
     spec = {
-        "model": {"repository": "org/model", "revision": "main"},
+        "model": {"repository": "org/model", "revision": COMMIT},
         "access": "protected",
         "cache": {"size": "10Gi"},
         "scaling": {"minReplicas": 0, "maxReplicas": 2},
@@ -107,6 +109,14 @@ def test_reconcile_creates_children_with_owner_references(
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["python", "-m", "llm_serving"]  # one rank: the server itself
     assert {"name": "HF_HOME", "value": "/cache"} in container["env"]
+    assert container["args"][container["args"].index("--revision") + 1] == COMMIT
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    model = wait_for(
+        lambda: get(cluster, "llme", "owned", "-n", namespace).get("status", {}).get("model"),
+        30,
+        "status.model",
+    )
+    assert model == {"repository": "org/model", "revision": COMMIT, "resolvedRevision": COMMIT}
 
 
 def test_status_running_on_kwok_with_events_and_json_logs(
@@ -133,7 +143,7 @@ def test_status_running_on_kwok_with_events_and_json_logs(
 
 def test_status_waits_for_gpu_then_runs(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
     big = {
-        "model": {"repository": "tiiuae/falcon-180b"},
+        "model": {"repository": "tiiuae/falcon-180b", "revision": COMMIT},
         "access": "public",
         "accelerator": {"type": "nvidia-a100-80gb", "count": 16},
     }

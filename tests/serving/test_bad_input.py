@@ -26,6 +26,7 @@ class Case:
     message: str = ""
     method: str = "POST"
     headers: dict[str, str] = field(default_factory=dict)
+    error_type: str = "validation"  # of a json case
 
 
 def gen(**parameters: Any) -> dict[str, Any]:
@@ -205,7 +206,7 @@ CASES = [
     Case(
         "grammar",
         "/generate",
-        gen(grammar={"type": "regex", "value": "a+"}),
+        gen(grammar={"type": "json", "value": 5}),
         422,
         "json",
         V + "grammar is not supported",
@@ -323,21 +324,34 @@ CASES = [
         "sse_openai",
         V + "`top_p` must be > 0.0 and < 1.0",
     ),
-    Case(
-        "completion suffix",
-        "/v1/completions",
-        {"prompt": "x", "suffix": "y"},
-        422,
-        "json",
-        V + "Suffix is not supported and can be achieved by preprocessing the prompt.",
+    *(
+        Case(
+            f"completion suffix{' streamed' if stream else ''}",
+            "/v1/completions",
+            {"prompt": "x", "suffix": "y", "stream": stream},
+            422,
+            "json",
+            "Suffix is not supported and can be achieved by preprocessing the prompt.",
+            error_type="suffix not supported",
+        )
+        for stream in (False, True)
     ),
     Case(
         "completion too many prompts",
         "/v1/completions",
-        {"prompt": ["a"] * 5},
+        {"prompt": ["a"] * 5, "stream": True},
         422,
         "json",
-        V + "Number of prompts must be between 1 and 4. Given: 5",
+        "Number of prompts exceeds the maximum allowed batch size of 4",
+        error_type="batch size exceeded",
+    ),
+    Case(
+        "completion empty prompt list",
+        "/v1/completions",
+        {"prompt": []},
+        422,
+        "plain",
+        "Failed to deserialize the JSON body into the target type: prompt: Empty array detected.",
     ),
     *(
         Case(f"{name} 1e-300 (0 in float32)", "/generate", gen(**{name: 1e-300}), 422, "json", V + message)
@@ -440,7 +454,7 @@ def test_bad_request(tiny_server: Server, case: Case) -> None:
     assert response.status_code == case.status, response.text
     if case.kind in ("json", "unauthorized"):
         assert response.headers["content-type"].startswith("application/json")
-        error_type = "validation" if case.kind == "json" else "unauthorized"
+        error_type = case.error_type if case.kind == "json" else "unauthorized"
         assert response.json() == {"error": case.message, "error_type": error_type}
         if case.kind == "unauthorized":
             assert response.headers["www-authenticate"] == "Bearer"

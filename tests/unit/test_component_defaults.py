@@ -20,6 +20,7 @@ from typing import Any, get_args
 import pytest
 import yaml
 
+from llm_contract import adapter_token_env
 from llm_devstack.controlplane import default_bin_dir
 from llm_devstack.paths import ROOT
 from llm_operator import contract, logs
@@ -43,6 +44,7 @@ OPERATOR_OVERRIDES = {
     "gateway_url": "the release's gateway Service, not the default `llm-gateway` name",
     "gateway_namespace": "the release's namespace: the only gateway pods endpoints' NetworkPolicies admit",
     "gateway_labels": "the release's instance label too, so another release's gateway pods are not admitted",
+    "operator_labels": "the release's instance label too: only this release's operator pods read `/status`",
     "lease_name": "one Lease per release",
     "liveness": "kopf's liveness endpoint, for the pod's liveness probe",
     "metrics_port": "the port of the chart's metrics Service (off by default outside the chart)",
@@ -77,6 +79,7 @@ def operator_values(args: Sequence[str]) -> dict[str, Any]:
     settings = operator_settings(parsed)
     resolved = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
     resolved["gateway_labels"] = dict(settings.gateway_labels)
+    resolved["operator_labels"] = dict(settings.operator_labels)
     return {**vars(parsed), **resolved}
 
 
@@ -114,11 +117,13 @@ def test_the_chart_passes_its_values_through_the_components_parsers() -> None:
         "--set", "gateway.maxHeldRequests=0",
         "--set", "gateway.holdTimeoutSeconds=42",
         "--set", "servingImage=registry.corp/llm-serving:1",
+        "--set", "hub.endpoint=https://hf-mirror.corp",
     )  # fmt: skip
     gateway = gateway_parse_args(container(docs, "llm_operator.gateway")["args"])
     assert (gateway.max_held, gateway.hold_timeout) == (0, 42.0)
     operator = operator_parse_args(container(docs, "llm_operator")["args"])
     assert operator.image == "registry.corp/llm-serving:1"
+    assert operator.hf_endpoint == "https://hf-mirror.corp"
 
 
 def test_the_gateway_ports_the_chart_declares_are_the_ones_it_listens_on() -> None:
@@ -204,3 +209,26 @@ def test_one_version_names_the_release() -> None:
     assert (chart["appVersion"], workspace) == (release, release)  # the chart's own `version` may move alone
     assert (version("llm-serving"), served) == (release, release)
     assert Settings().image.endswith(f":{release}")
+
+
+def test_the_adapters_and_pinned_revision_the_operator_renders_parse_as_the_server_reads_them() -> None:
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    spec = {
+        "model": {"repository": "org/base", "revision": "main"},
+        "adapters": [
+            {"name": "sql", "repository": "org/sql", "revision": "v1", "tokenSecretRef": {"name": "hf"}},
+            {"name": "local", "path": "/adapters/local"},
+        ],
+    }
+    status = {"model": {"repository": "org/base", "revision": "main", "resolvedRevision": commit}}
+    (serving,) = deployment(endpoint(spec, status=status), Settings())["spec"]["template"]["spec"][
+        "containers"
+    ]
+    tokens = {var["name"] for var in serving["env"] if "valueFrom" in var}
+    options = serving_parse_args(serving["args"])
+    assert options.source.revision == commit
+    assert [(a.name, a.source, a.revision) for a in options.adapters] == [
+        ("sql", "org/sql", "v1"),
+        ("local", "/adapters/local", None),
+    ]
+    assert adapter_token_env("sql") in tokens

@@ -11,7 +11,11 @@ Like a kubelet it gives the process its ServiceAccount's identity: a kubeconfig 
 that account (TokenRequest API), named by `KUBECONFIG`, so RBAC applies as in a cluster. It runs the
 readiness probe to set Ready, restarts exited containers with back-off, sends SIGTERM and then SIGKILL
 after the grace period when a pod is deleted, and writes each container's output to
-`<workdir>/pods/<namespace>_<pod>/<container>.log`.
+`<workdir>/pods/<namespace>_<pod>/<container>.log`. An exited container is reported as the kubelet reports
+it (`state.terminated`, then `waiting: CrashLoopBackOff` with the exit in `lastState.terminated`); with
+`terminationMessagePolicy: FallbackToLogsOnError` and a non-zero exit its message is the tail of its log
+(`termination_message`). The agent does not read `terminationMessagePath`: the process shares this
+machine's filesystem, so there is no per-container file to mount there.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from kubernetes import config as k8s_config
 from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 
+from llm_contract import HF_ENDPOINT_ENV
 from llm_devstack.node_agent import AGENT_LABEL, POD_MARKER_ENV
 from llm_devstack.node_agent.network import API_SERVER_NAME, PodNetwork, PodNetworkError
 from llm_operator.objects import rfc3339
@@ -49,6 +54,10 @@ log = logging.getLogger("node-agent")
 HEARTBEAT_SECONDS = 10
 BACKOFF_MAX_SECONDS = 30
 SHUTDOWN_GRACE_SECONDS = 3
+FALLBACK_TO_LOGS = "FallbackToLogsOnError"
+LOG_TAIL_LINES = 80
+LOG_TAIL_BYTES = 2048
+"""FallbackToLogsOnError takes the last 80 lines of the log, at most 2048 bytes, as the kubelet does."""
 
 
 def now() -> str:
@@ -61,6 +70,38 @@ def expand(text: str, env: dict[str, str]) -> str:
     return re.sub(
         r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]) if m[1] else "$", text
     )
+
+
+def termination_message(log_tail: bytes) -> str:
+    """What FallbackToLogsOnError takes of a failed container's log: its tail, within the kubelet's caps."""
+    lines = log_tail[-LOG_TAIL_BYTES:].splitlines(keepends=True)[-LOG_TAIL_LINES:]
+    return b"".join(lines).decode(errors="replace")
+
+
+def exit_code(returncode: int) -> int:
+    """A container's exit code: a process killed by signal N exits 128 + N, as under a shell or runtime."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+@dataclass(frozen=True)
+class Termination:
+    """How a container ended: the kubelet's `terminated` container state."""
+
+    exit_code: int
+    started_at: str
+    finished_at: str
+    message: str = ""
+
+    def state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "exitCode": self.exit_code,
+            "reason": "Error" if self.exit_code else "Completed",
+            "startedAt": self.started_at,
+            "finishedAt": self.finished_at,
+        }
+        if self.message:
+            state["message"] = self.message
+        return state
 
 
 def process_tree(pid: int) -> list[psutil.Process]:
@@ -84,8 +125,12 @@ class LocalPod:
     restarts: int = 0
     started_at: str = ""
     waiting_reason: str = ""
+    waiting_message: str = ""
     stopping: threading.Event = field(default_factory=threading.Event)
-    last_exit: tuple[int, str] | None = None
+    log_start: int = 0
+    """Where the running container's output begins in its log file (earlier runs come before)."""
+    last_exit: Termination | None = None
+    previous_exit: Termination | None = None
     transitions: dict[str, tuple[str, str]] = field(default_factory=dict)
     """Condition type -> (status, lastTransitionTime): the time moves only when the status does."""
 
@@ -123,8 +168,13 @@ class LocalPod:
             if self.stopping.is_set():
                 break
             if self.process is not None:
+                self._report()  # state.terminated, as the kubelet shows an exit before its back-off
                 self.restarts += 1
                 self.waiting_reason = "CrashLoopBackOff"
+                self.waiting_message = (
+                    f"back-off {backoff:.0f}s restarting failed container={self.container.name} "
+                    f"pod={self.pod.metadata.name}_{self.pod.metadata.namespace}"
+                )
                 self._report()
             self.stopping.wait(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_SECONDS)
@@ -135,8 +185,9 @@ class LocalPod:
             "HOME": os.environ.get("HOME", "/root"),
             "HOSTNAME": self.pod.metadata.name,
             POD_MARKER_ENV: str(self.agent.workdir),
-            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         }
+        if not any(var.name == HF_ENDPOINT_ENV for var in self.container.env or ()):
+            env["HF_HUB_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE", "1")  # no Hub is reachable from here
         if self.pod.spec.automount_service_account_token is not False:
             kubeconfig = self.agent.service_account_kubeconfig(
                 self.pod, self.directory, self.network.host_address
@@ -146,12 +197,17 @@ class LocalPod:
             env[var.name] = self.agent.resolve(self.pod, var, env)
         return env
 
+    @property
+    def log(self) -> Path:
+        return self.directory / f"{self.container.name}.log"
+
     def _start(self) -> None:
         env = self._env()
         argv = [expand(a, env) for a in [*(self.container.command or ()), *(self.container.args or ())]]
         if not argv:
             raise ValueError("the container has no command: the agent cannot run images")
-        with (self.directory / f"{self.container.name}.log").open("ab") as out:
+        with self.log.open("ab") as out:
+            self.log_start = out.tell()
             self.process = subprocess.Popen(
                 self.network.command(argv),
                 env=env,
@@ -160,7 +216,7 @@ class LocalPod:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # no PDEATHSIG: it fires when the spawning thread ends, not the agent
             )
-        self.started_at, self.ready, self.waiting_reason = now(), False, ""
+        self.started_at, self.ready, self.waiting_reason, self.waiting_message = now(), False, "", ""
         log.info("pod %s: started %s as pid %d on %s", self.key, argv[0], self.process.pid, self.ip)
         self._report()
 
@@ -179,9 +235,20 @@ class LocalPod:
                 self._report()
             self.stopping.wait(min(period, 1.0) if not self.ready else period)
         if self.process.poll() is not None and not self.stopping.is_set():
-            self.last_exit = (self.process.returncode, now())
+            code = exit_code(self.process.returncode)
+            self.previous_exit = self.last_exit
+            self.last_exit = Termination(code, self.started_at, now(), self._termination_message(code))
             self.ready = False
-            log.warning("pod %s: container exited with code %d", self.key, self.process.returncode)
+            log.warning("pod %s: container exited with code %d", self.key, code)
+
+    def _termination_message(self, code: int) -> str:
+        """The container's message: its log tail, under FallbackToLogsOnError when it failed."""
+        if code == 0 or self.container.termination_message_policy != FALLBACK_TO_LOGS:
+            return ""
+        with self.log.open("rb") as written:
+            size = written.seek(0, os.SEEK_END)
+            written.seek(max(self.log_start, size - LOG_TAIL_BYTES))
+            return termination_message(written.read())
 
     def _probe_ok(self, probe: Any) -> bool:
         if probe is None:
@@ -227,10 +294,14 @@ class LocalPod:
         """The pod status a kubelet would write for this container's state."""
         running = self.process is not None and self.process.poll() is None
         ready = "True" if running and self.ready else "False"
+        exited = self.process is not None and not running and not self.waiting_reason
         if running:
             state: dict[str, Any] = {"running": {"startedAt": self.started_at}}
+        elif exited and self.last_exit:
+            state = {"terminated": self.last_exit.state()}
         else:
-            state = {"waiting": {"reason": self.waiting_reason or "ContainerCreating"}}
+            waiting = {"reason": self.waiting_reason or "ContainerCreating"}
+            state = {"waiting": waiting | ({"message": self.waiting_message} if self.waiting_message else {})}
         container_status: dict[str, Any] = {
             "name": self.container.name,
             "image": self.container.image,
@@ -240,15 +311,9 @@ class LocalPod:
             "restartCount": self.restarts,
             "state": state,
         }
-        if self.last_exit:
-            code, finished = self.last_exit
-            container_status["lastState"] = {
-                "terminated": {
-                    "exitCode": code,
-                    "reason": "Error" if code else "Completed",
-                    "finishedAt": finished,
-                }
-            }
+        last = self.previous_exit if exited else self.last_exit
+        if last:
+            container_status["lastState"] = {"terminated": last.state()}
         return {
             "phase": "Running" if running or self.restarts else "Pending",
             "hostIP": "127.0.0.1",

@@ -7,6 +7,10 @@ the pod's way back to the host, e.g. to the API server, which the pod knows as `
 (a name its serving certificate carries) through an /etc/hosts of its own (`ip netns exec` mounts
 /etc/netns/<namespace>/hosts over /etc/hosts). Traffic never leaves this machine. Needs root and `ip`
 (iproute2).
+
+A service on this machine that pods and host processes must both reach at one URL (the stand-in Hub, which
+the operator asks and whose URL it renders into pods) listens on all addresses and is named by
+`node_address()`: a pod's default route leads to the host, which accepts traffic to any of its addresses.
 """
 
 from __future__ import annotations
@@ -26,6 +30,18 @@ NETNS_ETC = Path("/etc/netns")
 
 class PodNetworkError(OSError):
     """A namespace or link could not be made."""
+
+
+def node_address() -> str:
+    """An IPv4 address of this machine that host processes and pods both reach: its first global one."""
+    result = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True, check=False
+    )
+    for line in result.stdout.splitlines():
+        address = ipaddress.ip_interface(line.split()[3]).ip
+        if address not in POD_RANGE:  # pods' host-side links come and go with their pods
+            return str(address)
+    raise PodNetworkError(f"no global IPv4 address on this machine: {result.stderr.strip()}")
 
 
 def ip(*args: str) -> None:

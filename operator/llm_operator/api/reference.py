@@ -14,6 +14,7 @@ from typing import Any
 
 from llm_operator.api import generated
 from llm_operator.api.crd import crd as build_crd
+from llm_operator.contract import RESOLVE_ANNOTATION
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[3] / "docs" / "api.md"
 Schema = dict[str, Any]
@@ -39,6 +40,8 @@ def _constraints(schema: Schema) -> str:
         ("maximum", "≤"),
         ("minLength", "length ≥"),
         ("maxLength", "length ≤"),
+        ("minItems", "items ≥"),
+        ("maxItems", "items ≤"),
     ):
         if key in schema:
             parts.append(f"{word} {schema[key]}")
@@ -119,6 +122,15 @@ def reference_markdown() -> str:
             *rows(schema, section, frozenset(schema.get("required", ()))),
         ]
     lines += [
+        "",
+        "## Annotations",
+        "",
+        "| annotation | effect |",
+        "| --- | --- |",
+        f"| `{RESOLVE_ANNOTATION}` | A branch or tag in spec.model.revision (unset: `main`) is resolved "
+        "once to its commit, recorded in `status.model.resolvedRevision`, and every replica loads that "
+        "commit. Set this annotation to a new value (e.g. the date) to resolve it again; changing "
+        "spec.model.repository or .revision does too. |",
         "",
         "## Validation rules",
         "",

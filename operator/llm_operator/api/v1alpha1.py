@@ -115,6 +115,57 @@ class ModelSource(Model):
     """Weight and activation dtype."""
 
 
+MAX_ADAPTERS = 16
+"""Most LoRA adapters one endpoint may load (spec.adapters)."""
+
+
+class Adapter(Model):
+    """A LoRA adapter the server loads at start, for requests that name it: exactly one of repository, path
+    or package."""
+
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            {
+                "rule": "[has(self.repository), has(self.path), has(self.package)].filter(x, x).size() == 1",
+                "message": "spec.adapters[] must set exactly one of repository, path or package",
+            },
+            {
+                "rule": "has(self.repository) || (!has(self.revision) && !has(self.tokenSecretRef))",
+                "message": "spec.adapters[].revision and spec.adapters[].tokenSecretRef apply only to "
+                "spec.adapters[].repository",
+                "fieldPath": ".revision",
+            },
+            {
+                "rule": "self.name != 'tgi'",
+                "message": "spec.adapters[].name tgi names the base model",
+                "fieldPath": ".name",
+            },
+        )
+    )
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    """What requests call it: TGI `parameters.adapter_id`, OpenAI `model` (a DNS label, unique)."""
+    repository: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=96,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$",
+    )
+    """Hugging Face Hub repository id of the adapter (a peft checkpoint)."""
+    revision: str | None = Field(
+        default=None, min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$"
+    )
+    """Branch, tag or commit id of the repository (default: main)."""
+    token_secret_ref: SecretKeyRef | None = None
+    """Secret holding a Hub token for a gated or private adapter repository."""
+    path: str | None = Field(default=None, min_length=2, max_length=1024, pattern=r"^/")
+    """Absolute path, inside the serving container, of the adapter's directory."""
+    package: str | None = Field(
+        default=None, max_length=128, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
+    )
+    """A Python distribution installed in the serving image that ships the adapter."""
+
+
 class Accelerator(Model):
     """The GPUs each replica gets."""
 
@@ -271,6 +322,19 @@ class LLMEndpointSpec(Model):
                 "fieldPath": ".scaling.targetConcurrency",
             },
             {
+                "rule": "!has(self.adapters) "
+                "|| self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+                "message": "spec.adapters[].name must be unique",
+                "fieldPath": ".adapters",
+            },
+            {
+                "rule": "!has(self.adapters) || size(self.adapters) == 0 || (has(self.tensorParallelSize) "
+                "? self.tensorParallelSize == 1 : (!has(self.accelerator) || self.accelerator.count == 1))",
+                "message": "spec.adapters need one rank per replica (LoRA adapters are not served with "
+                "tensor parallelism): set spec.tensorParallelSize to 1",
+                "fieldPath": ".adapters",
+            },
+            {
                 "rule": "!has(self.env) "
                 "|| self.env.all(e, !(e.name in ['HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN']))",
                 "message": "spec.env must not set HF_TOKEN: name the Secret in spec.model.tokenSecretRef",
@@ -281,6 +345,9 @@ class LLMEndpointSpec(Model):
 
     model: ModelSource
     """The model to serve."""
+    adapters: list[Adapter] | None = Field(default=None, max_length=MAX_ADAPTERS)
+    """LoRA adapters of the model (at most 16, unique names), loaded at start; each request names the one it
+    uses, or none for the base model."""
     accelerator: Accelerator | None = None
     """GPUs per replica; unset: CPU only."""
     tensor_parallel_size: int | None = Field(default=None, ge=1, le=64)
@@ -344,6 +411,20 @@ class Condition(Model):
     """What a person should know."""
 
 
+class ModelStatus(Model):
+    """The Hub revision the operator resolved for spec.model; every replica of the generation loads it."""
+
+    repository: str = Field(max_length=96)
+    """spec.model.repository when it was resolved."""
+    revision: str = Field(max_length=255)
+    """spec.model.revision when it was resolved (main when unset)."""
+    resolved_revision: str | None = Field(default=None, max_length=64)
+    """The commit it resolved to, rendered as the server's `--revision`; unset while it cannot be resolved."""
+    resolve_request: str | None = Field(default=None, max_length=253)
+    """The llm-endpoints.io/resolve-revision annotation's value at that time: setting it to another value
+    asks for the revision to be resolved again."""
+
+
 class LLMEndpointStatus(Model):
     """What the operator observed; written by the operator, but lastRequestTime by the autoscaler and
     wakeRequestedAt by the gateway."""
@@ -369,6 +450,10 @@ class LLMEndpointStatus(Model):
     """When a gateway last held a request the endpoint had no ready replica for (written by the gateway)."""
     wake_acknowledged: MicroTimestamp | None = None
     """The wakeRequestedAt the operator last acted on (scaled from zero, or found awake or paused)."""
+    model: ModelStatus | None = None
+    """The resolved Hub revision of spec.model (unset for models not from the Hub)."""
+    adapters: list[str] | None = Field(default=None, max_length=MAX_ADAPTERS)
+    """Names of the LoRA adapters the replicas report loaded."""
     conditions: list[Condition] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},

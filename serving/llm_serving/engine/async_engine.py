@@ -156,8 +156,10 @@ class AsyncEngine:
         sampling: SamplingParams,
         stopping: StoppingParams,
         prompt_logprobs: bool,
+        adapter: str | None = None,
     ) -> AsyncGenerator[TokenEvent, None]:
-        """Admit a request (or raise `OverloadedError`) and yield its tokens; closing cancels it."""
+        """Admit a request (or raise `OverloadedError`) and yield its tokens (with LoRA `adapter`, None: the
+        base model); closing cancels it."""
         if self.failure is not None:
             raise EngineDeadError(self.failure)
         if self.in_flight >= self._max_concurrent:
@@ -176,6 +178,7 @@ class AsyncEngine:
             stopping=stopping,
             arrival=time.monotonic(),
             prompt_logprobs=prompt_logprobs,
+            adapter=adapter,
         )
         finished = False
         self._inbox.put(_Add(request, sink))

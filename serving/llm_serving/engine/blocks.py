@@ -1,8 +1,10 @@
 """KV-cache block allocator with reference counts and an automatic prefix cache. Pure: no torch.
 
 A full block of tokens is identified by a chained hash: sha256 of the previous block's hash and this block's
-token ids, so equal contents after different prefixes never match. Unreferenced blocks that hold a hashed
-prefix stay cached and are evicted least recently released first, only when no truly free block is left.
+token ids, so equal contents after different prefixes never match. A LoRA adapter's chains start from a root
+of that adapter's own (`chain_root`): its K/V differ from the base model's and other adapters'. Unreferenced
+blocks that hold a hashed prefix stay cached and are evicted least recently released first, only when no truly
+free block is left.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ class BlockStats:
     def usage(self) -> float:
         """Fraction of the blocks referenced by requests (vLLM's kv_cache_usage_perc)."""
         return self.used / self.num_blocks if self.num_blocks else 0.0
+
+
+def chain_root(adapter: str | None) -> bytes:
+    """The parent of a sequence's first block: empty for the base model, a hash of the adapter's name else."""
+    return b"" if adapter is None else hashlib.sha256(b"lora:" + adapter.encode()).digest()
 
 
 def block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
@@ -98,31 +105,33 @@ class BlockPool:
                 self._hash_of.pop(block, None)
                 self._free.append(block)
 
-    def lookup(self, tokens: Sequence[int]) -> list[int]:
-        """The cached full blocks covering the longest prefix of `tokens`; changes nothing."""
+    def lookup(self, tokens: Sequence[int], adapter: str | None = None) -> list[int]:
+        """The cached full blocks covering the longest prefix of `tokens` (run with `adapter`); changes
+        nothing."""
         found: list[int] = []
         if not self.prefix_caching:
             return found
-        for digest in self._chain(tokens, b"", 0):
+        for digest in self._chain(tokens, chain_root(adapter), 0):
             block = self._by_hash.get(digest)
             if block is None:
                 break
             found.append(block)
         return found
 
-    def match_prefix(self, tokens: Sequence[int]) -> list[int]:
+    def match_prefix(self, tokens: Sequence[int], adapter: str | None = None) -> list[int]:
         """Reference and return the cached full blocks covering the longest prefix of `tokens`."""
         if not self.prefix_caching:
             return []
-        found = self.lookup(tokens)
+        found = self.lookup(tokens, adapter)
         for block in found:
             self._take(block)
         self._queries += len(tokens)
         self._hits += len(found) * self.block_size
         return found
 
-    def register(self, tokens: Sequence[int], blocks: Sequence[int]) -> None:
-        """Hash each full block of `tokens` (held in `blocks`, in order) so later requests can reuse it.
+    def register(self, tokens: Sequence[int], blocks: Sequence[int], adapter: str | None = None) -> None:
+        """Hash each full block of `tokens` (held in `blocks`, in order, computed with `adapter`) so later
+        requests can reuse it.
 
         Blocks hashed before are skipped: only the chain after the last known block is computed.
         """
@@ -132,7 +141,7 @@ class BlockPool:
         first = full
         while first > 0 and blocks[first - 1] not in self._hash_of:
             first -= 1
-        parent = self._hash_of[blocks[first - 1]] if first else b""
+        parent = self._hash_of[blocks[first - 1]] if first else chain_root(adapter)
         for index, digest in enumerate(self._chain(tokens[: full * self.block_size], parent, first), first):
             block = blocks[index]
             self._hash_of[block] = digest

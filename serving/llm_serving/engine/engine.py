@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
 
 from llm_serving.detokenize import IncrementalDetokenizer
 from llm_serving.engine.blocks import BlockStats
-from llm_serving.engine.request import Request
+from llm_serving.engine.request import FinishReason, Request
 from llm_serving.engine.runner import ModelRunner, RowPlan, StepLogits, StepPlan
 from llm_serving.engine.scheduler import ScheduledRow, Scheduler, SchedulerOutput
 from llm_serving.outputs import Event, FailureEvent, StepStats, TokenEvent, TokenInfo
 from llm_serving.sampling.logits import RowContext
+from llm_serving.sampling.masks import Constraints, PendingMasks
 from llm_serving.sampling.sampler import choose, make_generator
 from llm_serving.sampling.stopping import check_stop
 
@@ -30,6 +31,7 @@ def row_plan(row: ScheduledRow) -> RowPlan:
         blocks=tuple(row.request.blocks),
         sample=row.sample,
         logprob_targets=row.logprob_targets,
+        adapter=row.request.adapter,
     )
 
 
@@ -53,6 +55,8 @@ class Engine:
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._generators: dict[int, torch.Generator | None] = {}
         self._scheduled_at: dict[int, float] = {}
+        self._constraints = Constraints(tokenizer)
+        self._refused: list[Event] = []  # requests whose grammar did not compile, told at the next step
         self._last_cache = scheduler.pool.stats()
 
     @property
@@ -69,7 +73,16 @@ class Engine:
 
     def add(self, request: Request) -> None:
         """Queue a request; ValueError when it can never fit the KV cache."""
+        if request.adapter is not None and request.adapter not in self.runner.adapters:
+            self._refused.append(FailureEvent(request.id, f"LoRA adapter {request.adapter!r} is not loaded"))
+            return
         self.scheduler.add(request)
+        if request.sampling.grammar is not None:
+            error = self._constraints.add(request.id, request.sampling.grammar)
+            if error is not None:
+                self.scheduler.cancel(request.id)
+                self._refused.append(FailureEvent(request.id, error))
+                return
         self._detok[request.id] = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
         self._generators[request.id] = make_generator(request.sampling.seed)
 
@@ -83,12 +96,15 @@ class Engine:
         self._detok.clear()
         self._generators.clear()
         self._scheduled_at.clear()
+        self._constraints.clear()
+        self._refused.clear()
         return aborted
 
     def _forget(self, request_id: int) -> None:
         self._detok.pop(request_id, None)
         self._generators.pop(request_id, None)
         self._scheduled_at.pop(request_id, None)
+        self._constraints.forget(request_id)
 
     def _token(self, token: int, text: str, logprob: float) -> TokenInfo:
         return TokenInfo(id=token, text=text, logprob=logprob, special=token in self.special_ids)
@@ -96,7 +112,13 @@ class Engine:
     def step(self) -> tuple[list[Event], StepStats | None]:
         """Run one step; returns the events for every row and the step's statistics (None when nothing
         changed). On a single rank a failure ends the affected requests with a `FailureEvent` and the
-        engine goes on; under tensor parallelism (the ranks are out of step) it raises."""
+        engine goes on; under tensor parallelism (the ranks are out of step) it raises. Requests refused
+        since the last step (a grammar that does not compile) end with a `FailureEvent` first."""
+        refused, self._refused = self._refused, []
+        events, stats = self._step()
+        return refused + events, stats
+
+    def _step(self) -> tuple[list[Event], StepStats | None]:
         start = self._clock()
         try:
             out = self.scheduler.schedule()
@@ -113,9 +135,10 @@ class Engine:
         for row in out.rows:
             self._scheduled_at.setdefault(row.request.id, start)
         try:
+            masks = self._constraints.start([row.request.id for row in out.rows if row.sample])
             result = self.runner.execute(StepPlan(tuple(row_plan(row) for row in out.rows)))
             self.scheduler.commit(out)
-            events = self._emit(out, result)
+            events = self._emit(out, result, masks)
         except Exception as exc:
             if not self.runner.alone:
                 raise
@@ -127,8 +150,9 @@ class Engine:
             return [FailureEvent(r.id, _message(exc)) for r in failed], self._stats(out, start, failed=True)
         return events, self._stats(out, start)
 
-    def _emit(self, out: SchedulerOutput, result: StepLogits) -> list[Event]:
-        """Record prompt log-probs, sample the rows that end a sequence, append, detokenize, stop."""
+    def _emit(self, out: SchedulerOutput, result: StepLogits, masks: PendingMasks) -> list[Event]:
+        """Record prompt log-probs, sample the rows that end a sequence (constrained rows within their
+        grammar's mask), append, detokenize, stop."""
         for row, values in zip(out.rows, result.prompt_logprobs, strict=True):
             if row.logprob_targets:
                 # Positions from `start` on are (re)computed: a recomputed chunk replaces what it covers.
@@ -138,7 +162,8 @@ class Engine:
         if not sampled:
             return []
         contexts = [RowContext(r.sampling, r.prompt_ids, r.output_ids) for r in sampled]
-        choices = choose(result.logits, contexts, [self._generators.get(r.id) for r in sampled])
+        generators = [self._generators.get(r.id) for r in sampled]
+        choices = choose(result.logits, contexts, generators, masks.result())
         events: list[Event] = []
         for request, choice in zip(sampled, choices, strict=True):
             request.output_ids.append(choice.token)
@@ -147,6 +172,8 @@ class Engine:
             reason = check_stop(
                 choice.token, len(request.output_ids), detok.text, piece, request.stopping, self.eos_ids
             )
+            if self._constraints.advance(request.id, choice.token) and reason is not FinishReason.LENGTH:
+                reason = FinishReason.EOS_TOKEN  # the grammar is complete: only EOS may follow
             if reason is not None:
                 request.finish(reason)
             top = tuple(self._token(t, self.tokenizer.decode([t]), lp) for t, lp in choice.top)
@@ -183,7 +210,14 @@ class Engine:
             prefix_hits=cache.prefix_hits - last.prefix_hits,
             preemptions=len(out.preempted),
             failed=failed,
+            running_adapters=_adapters(self.scheduler.running),
+            waiting_adapters=_adapters(self.scheduler.waiting),
         )
+
+
+def _adapters(requests: Iterable[Request]) -> tuple[str, ...]:
+    """The LoRA adapters of `requests`, each once, in first-seen order."""
+    return tuple(dict.fromkeys(r.adapter for r in requests if r.adapter is not None))
 
 
 def _message(exc: BaseException) -> str:

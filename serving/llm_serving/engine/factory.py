@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llm_serving.engine.blocks import BlockPool
 from llm_serving.engine.engine import Engine
 from llm_serving.engine.kv_cache import PagedKVCache, default_block_size, num_blocks_for
+from llm_serving.engine.lora import install
 from llm_serving.engine.runner import ModelRunner, StepPlan
 from llm_serving.engine.scheduler import Scheduler, SchedulerConfig
 
@@ -26,6 +28,8 @@ class EngineConfig:
     prefix_caching: bool = True
     chunked_prefill: bool = True
     kv_cache_memory_fraction: float = 0.9
+    adapters: tuple[tuple[str, Path], ...] = ()
+    """LoRA adapters `(name, local peft folder)`, installed on the model when the engine is built."""
 
 
 def _same(num_blocks: int) -> int:
@@ -49,7 +53,8 @@ def build_engine(
     cache: PagedKVCache | None = None,
 ) -> Engine:
     """An engine over `model` (rank 0 of a tensor-parallel group when `broadcast` is given), with `cache`
-    or one sized by `build_kv_cache`."""
+    or one sized by `build_kv_cache`, and the LoRA adapters of `config` hooked into the model (AdapterError
+    naming one that does not fit)."""
     if cache is None:
         cache = build_kv_cache(model, config)
     pool = BlockPool(cache.num_blocks, cache.block_size, prefix_caching=config.prefix_caching)
@@ -62,4 +67,5 @@ def build_engine(
         ),
         pool,
     )
-    return Engine(ModelRunner(model, cache, broadcast=broadcast), tokenizer, scheduler, eos_ids)
+    lora = install(model, config.adapters) if config.adapters else None
+    return Engine(ModelRunner(model, cache, broadcast=broadcast, lora=lora), tokenizer, scheduler, eos_ids)

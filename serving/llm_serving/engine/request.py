@@ -33,6 +33,7 @@ class Request:
     stopping: StoppingParams
     arrival: float
     prompt_logprobs: bool = False
+    adapter: str | None = None  # the LoRA adapter it runs with (None: the base model)
     output_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None

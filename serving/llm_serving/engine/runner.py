@@ -6,7 +6,7 @@ Every rank executes the same `StepPlan`; under tensor parallelism rank 0 broadca
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ import torch
 from llm_serving.engine import attention
 from llm_serving.engine.attention import DecodeRows, PagedStep, PrefillRow, Varlen
 from llm_serving.engine.kv_cache import PagedKVCache
+from llm_serving.engine.lora import LoraBatch, LoraLayers, lora_batch
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class RowPlan:
     """Return the next-token logits of the last token."""
     logprob_targets: tuple[int, ...] = ()
     """Return log p(`targets[j]`) at position `start + j`."""
+    adapter: str | None = None
+    """The LoRA adapter the row runs with (None: the base model)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class _Packed:
     keep: torch.Tensor
     num_sample: int
     targets: torch.Tensor
+    lora: LoraBatch | None = None
 
 
 def _varlen(plan: StepPlan, block_size: int, device: torch.device) -> Varlen:
@@ -115,8 +119,15 @@ def _decode_rows(
     return tuple(groups)
 
 
-def pack(plan: StepPlan, cache: PagedKVCache, device: torch.device, cuda_kernel: bool = False) -> _Packed:
-    """Every tensor of a step, built once (not per layer): ids, positions, slot mapping, block tables."""
+def pack(
+    plan: StepPlan,
+    cache: PagedKVCache,
+    device: torch.device,
+    cuda_kernel: bool = False,
+    lora: LoraLayers | None = None,
+) -> _Packed:
+    """Every tensor of a step, built once (not per layer): ids, positions, slot mapping, block tables, and the
+    token -> LoRA adapter grouping when adapters are installed."""
     bs = cache.block_size
     ids: list[int] = []
     positions: list[int] = []
@@ -162,7 +173,18 @@ def pack(plan: StepPlan, cache: PagedKVCache, device: torch.device, cuda_kernel:
         keep=torch.tensor(sample_at + logprob_at, dtype=torch.long).to(device),
         num_sample=len(sample_at),
         targets=torch.tensor(targets, dtype=torch.long).to(device),
+        lora=_lora_batch(plan, lora, device),
     )
+
+
+def _lora_batch(plan: StepPlan, lora: LoraLayers | None, device: torch.device) -> LoraBatch | None:
+    """The step's token -> adapter grouping; ValueError for a row naming an adapter that is not installed."""
+    if lora is None:
+        named = [r.adapter for r in plan.rows if r.adapter is not None]
+        if named:
+            raise ValueError(f"LoRA adapter {named[0]!r} is not loaded")
+        return None
+    return lora_batch([lora.slot(r.adapter) for r in plan.rows], [len(r.tokens) for r in plan.rows], device)
 
 
 @contextmanager
@@ -191,10 +213,15 @@ class ModelRunner:
     """Owns the model and this rank's share of the paged KV cache."""
 
     def __init__(
-        self, model: Any, cache: PagedKVCache, broadcast: Callable[[StepPlan | None], None] | None = None
+        self,
+        model: Any,
+        cache: PagedKVCache,
+        broadcast: Callable[[StepPlan | None], None] | None = None,
+        lora: LoraLayers | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
+        self.lora = lora
         self.device = next(model.parameters()).device
         self._broadcast = broadcast
         self._cuda_kernel = attention.cuda_kernel_applies(cache)
@@ -207,18 +234,22 @@ class ModelRunner:
         if not plan.rows:
             return StepLogits(logits=torch.empty(0, 0), prompt_logprobs=())
         with torch.inference_mode(), _attention_implementation(self.model, attention.NAME):
-            packed = pack(plan, self.cache, self.device, self._cuda_kernel)
-            out = self.model(
-                input_ids=packed.input_ids,
-                position_ids=packed.position_ids,
-                use_cache=False,
-                logits_to_keep=packed.keep,
-                paged_step=packed.step,
-            )
+            packed = pack(plan, self.cache, self.device, self._cuda_kernel, self.lora)
+            with self._adapters(packed.lora):
+                out = self.model(
+                    input_ids=packed.input_ids,
+                    position_ids=packed.position_ids,
+                    use_cache=False,
+                    logits_to_keep=packed.keep,
+                    paged_step=packed.step,
+                )
             kept = out.logits[0].float()
             logits = kept[: packed.num_sample].cpu()
             prompt_logprobs = self._prompt_logprobs(plan, kept[packed.num_sample :], packed.targets)
         return StepLogits(logits=logits, prompt_logprobs=prompt_logprobs)
+
+    def _adapters(self, batch: LoraBatch | None) -> AbstractContextManager[None]:
+        return nullcontext() if self.lora is None else self.lora.active(batch)
 
     @staticmethod
     def _prompt_logprobs(
@@ -233,6 +264,11 @@ class ModelRunner:
             out.append(values[:n])
             values = values[n:]
         return tuple(out)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The LoRA adapters installed (rows may name them)."""
+        return () if self.lora is None else self.lora.names
 
     @property
     def alone(self) -> bool:

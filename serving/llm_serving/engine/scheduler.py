@@ -159,7 +159,7 @@ class Scheduler:
             full_before = request.num_computed // size
             request.num_computed += row.count
             if self.config.prefix_caching and request.blocks and request.num_computed // size > full_before:
-                self.pool.register(request.all_ids[: request.num_computed], request.blocks)
+                self.pool.register(request.all_ids[: request.num_computed], request.blocks, request.adapter)
 
     def fail(self, requests: Iterable[Request]) -> None:
         """Drop these requests (their step failed) from the queue and the batch, releasing their blocks."""
@@ -199,7 +199,7 @@ class Scheduler:
         use_cache = self.config.prefix_caching and not request.prompt_logprobs
         # The last token is always computed: its logits give the next token.
         prefix = request.all_ids[:-1] if use_cache else ()
-        hit = self.pool.lookup(prefix) if use_cache else []
+        hit = self.pool.lookup(prefix, request.adapter) if use_cache else []
         start = len(hit) * self.pool.block_size
         want = self._chunk(request.num_tokens - start, budget)
         capacity = (len(hit) + self.pool.available_with(hit)) * self.pool.block_size - start
@@ -207,7 +207,7 @@ class Scheduler:
         if want == 0 or count < (1 if self.config.chunked_prefill else want):
             return None
         if use_cache:
-            request.blocks = self.pool.match_prefix(prefix)
+            request.blocks = self.pool.match_prefix(prefix, request.adapter)
         request.num_computed = start
         self._grow(request, start + count)
         return plan_row(request, count, decode=False)

@@ -8,13 +8,15 @@ from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llm_contract import bearer
+from llm_contract import STATUS_PATH, bearer
 from llm_serving.errors import ServingError, UnauthorizedError
-from llm_serving.http import openai, tgi
+from llm_serving.http import openai, status, tgi
+from llm_serving.http.cors import TgiCors
 from llm_serving.http.io import ClientDisconnected, error_response
 from llm_serving.http.openapi import OPEN_PATHS, openapi_document
 from llm_serving.http.state import AppState
@@ -54,23 +56,27 @@ async def _openapi(request: Request) -> Response:
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
-    """Unknown routes and wrong methods answer with an empty body, as axum does."""
-    status = exc.status_code if isinstance(exc, HTTPException) else 500
-    return Response(status_code=status)
+    """Unknown routes and wrong methods answer with an empty body, as axum does (405 with its `allow`)."""
+    if isinstance(exc, HTTPException):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return Response(status_code=500)
 
 
 def build_app(state: AppState) -> Starlette:
-    """The ASGI app for `state`; the model may still be loading (`/health` says 503 until then)."""
+    """The ASGI app for `state`; the model may still be loading (`/health` says 503 until then, `/status`
+    says how far it is)."""
     table: list[tuple[str, str, Handler]] = [
         ("POST", "/", tgi.compat_generate),
         ("GET", "/", tgi.health),
         ("POST", "/generate", tgi.generate),
         ("POST", "/generate_stream", tgi.generate_stream),
         ("POST", "/tokenize", tgi.tokenize),
+        ("POST", "/chat_tokenize", openai.chat_tokenize),
         ("GET", "/info", tgi.info),
         ("GET", "/health", tgi.health),
         ("GET", "/ping", tgi.health),
         ("GET", "/metrics", tgi.metrics),
+        ("GET", STATUS_PATH, status.status),
         ("GET", "/v1/models", openai.models),
         ("POST", "/v1/chat/completions", openai.chat_completions),
         ("POST", "/v1/completions", openai.completions),
@@ -80,6 +86,10 @@ def build_app(state: AppState) -> Starlette:
         Route(path, _endpoint(handler, protected=path not in OPEN_PATHS), methods=[method])
         for method, path, handler in table
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error},
+        middleware=[Middleware(TgiCors)],
+    )
     app.state.serving = state
     return app

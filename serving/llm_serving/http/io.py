@@ -7,7 +7,7 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -126,12 +126,17 @@ def sse_data(payload: Any) -> str:
     return f"data: {text}\n\n"
 
 
-class EventStream(StreamingResponse):
-    """An SSE response that sends keep-alives while idle and cancels the source when the client leaves."""
+SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"}
+"""axum's SSE headers and TGI's `X-Accel-Buffering`. The content type is exactly `text/event-stream`: with a
+media type Starlette would add `; charset=utf-8`, which older `@huggingface/inference` releases refuse."""
 
-    def __init__(self, events: AsyncGenerator[str, None]) -> None:
-        headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-        super().__init__(events, headers=headers, media_type="text/event-stream")
+
+class EventStream(StreamingResponse):
+    """An SSE response that sends keep-alives while idle and cancels the source when the client leaves;
+    `headers` go out beside `SSE_HEADERS`."""
+
+    def __init__(self, events: AsyncGenerator[str, None], headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(events, headers={**(headers or {}), **SSE_HEADERS})
         self._events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -7,12 +7,13 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from llm_contract import STATUS_PATH
 from llm_serving.protocol import openai, tgi
 
 REF = "#/components/schemas/{model}"
 
-# With an API key, every route needs it but these two: the kubelet's probe and Prometheus' scrape.
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+# With an API key, every route needs it but these: the kubelet's probe, Prometheus' scrape, the load status.
+OPEN_PATHS = frozenset({"/health", "/metrics", STATUS_PATH})
 
 # (method, path, summary, request type or None, response type or None)
 ROUTES: list[tuple[str, str, str, Any, Any]] = [
@@ -27,10 +28,18 @@ ROUTES: list[tuple[str, str, str, Any, Any]] = [
     ("post", "/generate", "Generate tokens", tgi.GenerateRequest, tgi.GenerateResponse),
     ("post", "/generate_stream", "Generate a stream of tokens (SSE)", tgi.GenerateRequest, None),
     ("post", "/tokenize", "Tokenize inputs", tgi.GenerateRequest, list[tgi.SimpleToken]),
+    (
+        "post",
+        "/chat_tokenize",
+        "Template and tokenize a chat request",
+        openai.ChatRequest,
+        tgi.ChatTokenizeResponse,
+    ),
     ("get", "/info", "Model and server info", None, tgi.Info),
     ("get", "/health", "Health: 200 once the model is loaded", None, None),
     ("get", "/ping", "Health", None, None),
     ("get", "/metrics", "Prometheus metrics", None, None),
+    ("get", STATUS_PATH, "Loading phase and progress (answers while the model loads)", None, None),
     ("get", "/v1/models", "List models", None, openai.ModelList),
     (
         "post",

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from llm_serving import tgi_bodies
+from llm_serving import tgi_bodies, tgi_headers
 from llm_serving.errors import HealthCheckError, ServingError
 from llm_serving.http.io import EventStream, read_json, sse_data, until_disconnect
 from llm_serving.http.state import AppState
@@ -34,12 +34,14 @@ def _full_text(state: AppState, body: GenerateRequest, *, compat: bool) -> bool:
 async def _generate(request: Request, body: GenerateRequest, *, compat: bool) -> Response:
     state = _state(request)
     service = state.ready_service()
+    start = time.monotonic()
     valid = await service.off_loop(lambda: service.validate(body.inputs, body.parameters, stream=False))
+    validation = time.monotonic() - start
     result = await until_disconnect(request, service.generate(valid))
     payload = tgi_bodies.generate_response(
         result, service.tokenizer.decode, _full_text(state, body, compat=compat)
     )
-    headers = tgi_bodies.timing_headers(result)
+    headers = tgi_headers.generate_headers(result, state.compute_type, validation)
     return JSONResponse([payload] if compat else payload, headers=headers)
 
 
@@ -61,7 +63,8 @@ async def _token_events(
 
 def _stream(request: Request, body: GenerateRequest, *, compat: bool) -> Response:
     state = _state(request)
-    return EventStream(_token_events(state, state.ready_service(), body, compat=compat))
+    headers = tgi_headers.stream_headers(state.compute_type, len(body.inputs))
+    return EventStream(_token_events(state, state.ready_service(), body, compat=compat), headers)
 
 
 async def generate(request: Request) -> Response:
@@ -122,4 +125,5 @@ async def health(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(_state(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    """The text exposition as TGI sends it: `text/plain; charset=utf-8`, no format version (read as 0.0.4)."""
+    return PlainTextResponse(_state(request).metrics.exposition())

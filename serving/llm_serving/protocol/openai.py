@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr
 from typing_extensions import TypedDict
 
-from llm_serving.protocol.tgi import U32, U64, GenerateParameters
+from llm_serving.protocol.tgi import U32, U64, GenerateParameters, Grammar
 
 
 class _Lenient(BaseModel):
@@ -20,11 +20,50 @@ class ContentPart(_Lenient):
     image_url: Any = None
 
 
+class FunctionCall(_Lenient):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+    """A JSON string (OpenAI), or the object itself."""
+
+
+class MessageToolCall(_Lenient):
+    """A tool call in an earlier assistant message."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(_Lenient):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None, validation_alias=AliasChoices("parameters", "arguments")
+    )
+    """A JSON Schema of type object (TGI also reads it as `arguments`); None: no parameters."""
+    strict: bool | None = None
+
+
+class Tool(_Lenient):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
 class ChatMessage(_Lenient):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """The message's text, with content parts joined."""
@@ -37,6 +76,37 @@ class ChatMessage(_Lenient):
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Lenient):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    """OpenAI's `response_format` (`text`, `json_object`, `json_schema` with `json_schema: {name, schema,
+    strict}`), or a TGI grammar (`json`, `regex`, `json_schema` with `value`) as TGI's chat route takes it."""
+
+    type: Literal["text", "json_object", "json_schema", "json", "regex"]
+    json_schema: JsonSchemaFormat | None = None
+    value: Any = None
+
+    def grammar(self) -> Grammar | None:
+        """The TGI grammar it asks for (None: plain text). A `json_schema` without a schema is any object."""
+        if self.type == "text":
+            return None
+        if self.type == "json_schema" and self.json_schema is not None:
+            schema = self.json_schema.schema_
+            if schema is None:
+                return Grammar(type="json_object")
+            return Grammar(type="json_schema", value={"name": self.json_schema.name, "schema": schema})
+        if self.type == "json_schema":
+            return Grammar(type="json_schema", value=self.value)
+        if self.type == "regex":
+            return Grammar(type="regex", value=self.value)
+        return Grammar(type="json" if self.type == "json" else "json_object", value=self.value)
 
 
 class _Sampling(_Lenient):
@@ -55,6 +125,12 @@ class _Sampling(_Lenient):
     top_p: float | None = None
     top_k: int | None = None
     n: U32 | None = None
+    response_format: ResponseFormat | None = None
+    _adapter: str | None = PrivateAttr(default=None)
+
+    def select_adapter(self, adapter: str | None) -> None:
+        """Run with the LoRA adapter `model` resolved to (the route decides; None: the base model)."""
+        self._adapter = adapter
 
     def parameters(self, *, top_n_tokens: int | None = None) -> GenerateParameters:
         """TGI's mapping: temperature 0 means greedy, `presence_penalty + 2` is the repetition penalty."""
@@ -75,6 +151,8 @@ class _Sampling(_Lenient):
             stop=stop,
             top_n_tokens=top_n_tokens,
             details=True,
+            grammar=None if self.response_format is None else self.response_format.grammar(),
+            adapter_id=self._adapter,
         )
 
 
@@ -84,9 +162,9 @@ class ChatRequest(_Sampling):
     logprobs: bool | None = None
     top_logprobs: U32 | None = None
     logit_bias: list[float] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def parameters(self, *, top_n_tokens: int | None = None) -> GenerateParameters:
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -106,9 +184,39 @@ class Usage(TypedDict):
     total_tokens: int
 
 
+class FunctionCallOut(TypedDict):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(TypedDict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
 class ChatDelta(TypedDict):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: NotRequired[list[ToolCallOut]]
+
+
+class DeltaFunction(TypedDict, total=False):
+    name: str
+    arguments: str
+
+
+class DeltaToolCall(TypedDict):
+    index: int
+    id: NotRequired[str]
+    type: NotRequired[Literal["function"]]
+    function: DeltaFunction
+
+
+class ChunkDelta(TypedDict):
+    role: Literal["assistant"]
+    content: NotRequired[str | None]
+    tool_calls: NotRequired[list[DeltaToolCall]]
 
 
 class TopLogprob(TypedDict):
@@ -145,7 +253,7 @@ class ChatCompletion(TypedDict):
 
 class ChunkChoice(TypedDict):
     index: int
-    delta: ChatDelta
+    delta: ChunkDelta
     logprobs: ChoiceLogprobs | None
     finish_reason: str | None
 
@@ -182,6 +290,8 @@ class ModelCard(TypedDict):
     object: Literal["model"]
     created: int
     owned_by: str
+    parent: NotRequired[str]
+    """A LoRA adapter's base model (as vLLM lists adapters)."""
 
 
 class ModelList(TypedDict):

@@ -13,7 +13,9 @@ I32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 
 
 class Grammar(BaseModel):
-    """A grammar constraint; accepted for compatibility, answered with a validation error."""
+    """TGI's `GrammarType`: `json` (alias `json_object`; `value` a JSON Schema object or its JSON text;
+    `json_object` without a value: any JSON object), `json_schema` (`value`: `{name?, schema}`), `regex`
+    (`value`: the pattern, matched against the whole output)."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
     type: Literal["json", "json_object", "regex", "json_schema"]
@@ -127,6 +129,13 @@ class SimpleToken(TypedDict):
     text: str
     start: int
     stop: int
+
+
+class ChatTokenizeResponse(TypedDict):
+    """`/chat_tokenize`: the chat template's output and its tokens."""
+
+    tokenize_response: list[SimpleToken]
+    templated_text: str
 
 
 class Info(TypedDict):

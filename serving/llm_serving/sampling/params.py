@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Literal
+
+GrammarKind = Literal["json_schema", "regex", "json_object", "lark"]
 
 
 class FrequencyRule(Enum):
@@ -16,6 +19,16 @@ class FrequencyRule(Enum):
 
     TGI = "tgi"
     OPENAI = "openai"
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A constraint on a request's output: `value` is the JSON text of a JSON Schema (`json_schema`), a
+    regular expression (`regex`, matched against the whole output), a Lark grammar (`lark`), or empty
+    (`json_object`: any JSON object). Compiled by `llm_serving.sampling.grammar`."""
+
+    kind: GrammarKind
+    value: str = ""
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,7 @@ class SamplingParams:
     watermark: bool = False
     seed: int | None = None
     top_n_tokens: int = 0
+    grammar: GrammarSpec | None = None
 
     @property
     def warps(self) -> bool:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from llm_serving.sampling.logits import RowContext, candidates, penalize, warp
+from llm_serving.sampling.masks import RowMasks
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,16 @@ def _descending(logprobs: torch.Tensor, ns: Sequence[int]) -> tuple[torch.Tensor
 
 
 def choose(
-    logits: torch.Tensor, rows: Sequence[RowContext], generators: Sequence[torch.Generator | None]
+    logits: torch.Tensor,
+    rows: Sequence[RowContext],
+    generators: Sequence[torch.Generator | None],
+    masks: RowMasks | None = None,
 ) -> list[Choice]:
-    """Process the logits of every row and pick one token per row."""
+    """Process the logits of every row and pick one token per row. A masked row (structured output) can only
+    get an allowed token; its log-probabilities and top tokens are those of the masked distribution."""
     scores = penalize(logits, rows)
+    if masks is not None:
+        masks.apply(scores)
     choices: dict[int, Choice] = {}
     greedy = [i for i, r in enumerate(rows) if not r.params.do_sample]
     if greedy:

@@ -2,6 +2,9 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { InferenceClient } from "@huggingface/inference";
+// The 2.x client the Inference Endpoints walkthrough was written with: it refuses any SSE content type but
+// exactly `text/event-stream` (2.6.1 is the last release that compares it exactly).
+import { HfInferenceEndpoint } from "hf-inference-v2";
 
 const url = process.env.LLM_URL;
 const token = process.env.LLM_TOKEN;
@@ -39,4 +42,21 @@ test("chatCompletion, plain and streamed, agree when greedy", async () => {
 test("a missing token is refused", async () => {
   const anonymous = new InferenceClient().endpoint(url);
   await assert.rejects(anonymous.textGeneration({ inputs: "hi", parameters: { max_new_tokens: 2 } }));
+});
+
+test("the 2.x HfInferenceEndpoint streams and answers", async () => {
+  const old = new HfInferenceEndpoint(url, token);
+  let text = "";
+  let last;
+  let events = 0;
+  for await (const event of old.textGenerationStream({ inputs: "Once upon a time,", parameters })) {
+    events += 1;
+    last = event;
+    text += event.token.special ? "" : event.token.text;
+  }
+  assert.ok(events > 0 && events <= 12);
+  // POST / (compat) returns the full text by default, as TGI does for text-generation models
+  assert.ok(last.generated_text.startsWith("Once upon a time,") && last.generated_text.endsWith(text));
+  const out = await old.textGeneration({ inputs: "Once upon a time,", parameters: { max_new_tokens: 4 } });
+  assert.equal(typeof out.generated_text, "string");
 });

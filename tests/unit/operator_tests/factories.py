@@ -6,6 +6,9 @@ from typing import Any
 
 from llm_operator.api.v1alpha1 import LLMEndpoint
 
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+"""The commit the default endpoint's model is pinned to (nothing to resolve)."""
+
 
 def endpoint(
     spec: dict[str, Any] | None = None,
@@ -13,13 +16,20 @@ def endpoint(
     name: str = "falcon",
     status: dict[str, Any] | None = None,
     generation: int = 1,
+    annotations: dict[str, str] | None = None,
 ) -> LLMEndpoint:
     """An LLMEndpoint as the API server would return it (spec merged over a small valid one)."""
     body = {
         "apiVersion": "llm-endpoints.io/v1alpha1",
         "kind": "LLMEndpoint",
-        "metadata": {"name": name, "namespace": "ml", "uid": "uid-1", "generation": generation},
-        "spec": {"model": {"repository": "tiiuae/falcon-40b-instruct"}, **(spec or {})},
+        "metadata": {
+            "name": name,
+            "namespace": "ml",
+            "uid": "uid-1",
+            "generation": generation,
+            "annotations": annotations or {},
+        },
+        "spec": {"model": {"repository": "tiiuae/falcon-40b-instruct", "revision": COMMIT}, **(spec or {})},
         "status": status or {},
     }
     return LLMEndpoint.model_validate(body)

