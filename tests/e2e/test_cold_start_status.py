@@ -239,9 +239,16 @@ def test_corrupt_weights_fail_the_endpoint_from_the_pods_termination_message(
     kubectl_apply(stack.cluster, body)
     current = failed(stack, "corrupt", "WeightsCorrupt")
     assert WEIGHTS in conditions({"status": current})["Ready"]["message"]
-    (pod,) = pods(stack, "corrupt")
-    (container,) = pod["status"]["containerStatuses"]
-    terminated = (container.get("state") or {}).get("terminated") or container["lastState"]["terminated"]
+
+    def exit_reported() -> dict[str, Any] | None:
+        """The container's exit, once the node reports it (the operator may read the pod's `/status` in
+        phase Failed before the process has exited)."""
+        (pod,) = pods(stack, "corrupt")
+        (container,) = pod["status"].get("containerStatuses") or [{}]
+        state, last = container.get("state") or {}, container.get("lastState") or {}
+        return state.get("terminated") or last.get("terminated")
+
+    terminated = wait_for(exit_reported, 60, "the corrupt pod's exit in its status")
     assert terminated["exitCode"] != 0
     assert "WeightsCorrupt" in terminated["message"]
     stack.cluster.kubectl("delete", "llmendpoint", "corrupt", "-n", stack.namespace, "--wait=false")

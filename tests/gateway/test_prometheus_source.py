@@ -379,8 +379,9 @@ async def _ready_replicas(cluster: Cluster, namespace: str, replicas: int) -> No
 
 @pytest.mark.cluster
 async def test_autoscaler_loop_on_prometheus_scales_up_under_load_and_to_zero_when_idle(
-    cluster: Cluster, prometheus: StartPrometheus
+    cluster: Cluster, prometheus: StartPrometheus, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="llm_operator.autoscale")
     install_crd(cluster)
     namespace = await asyncio.to_thread(new_namespace, cluster, "prom")
     key = (namespace, NAME)
@@ -422,7 +423,12 @@ async def test_autoscaler_loop_on_prometheus_scales_up_under_load_and_to_zero_wh
             assert owned == [(None, {"f:spec": {"f:replicas": {}}})], json.dumps(fields)
             rig.gate.set()
             await rig.streams.aclose()
-            await _ready_replicas(cluster, namespace, 0)
+            try:
+                await _ready_replicas(cluster, namespace, 0)
+            except AssertionError as error:  # say what the autoscaler saw (this step has been flaky)
+                said = [r.getMessage() for r in caplog.records if r.name.startswith("llm_operator")][-8:]
+                now = await source.read(session)
+                raise AssertionError(f"{error}; reading now {now}; log {said}") from None
         finally:
             scaler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -130,6 +130,7 @@ class Autoscaler:
             window, Policy.from_spec(endpoint.spec), current, now, self.settings.tuning
         )
         ref = {"namespace": meta.namespace, "endpoint": meta.name}
+        log.debug("%d replica(s) wanted: %s", decision.replicas, decision.reason, extra=ref)
         if decision.replicas != current:
             try:
                 await self.kube.merge_patch(
