@@ -370,6 +370,7 @@ TOO_MANY = [{"type": "function", "function": {"name": f"f{i}"}} for i in range(1
         ({"tools": [NOT_OBJECT]}, "type `object`", "tool_error"),
         ({"tools": TOO_MANY}, "up to 128 tools", "tool_error"),
         ({"tools": None, "tool_choice": "required"}, "`tool_choice` needs `tools`", "tool_error"),
+        ({"response_format": {"type": "json_object"}}, "Grammar and tools are mutually", "tool_error"),
         ({"tool_choice": "sometimes"}, "Failed to deserialize", None),
         ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "Failed to deserialize", None),
     ],
@@ -385,6 +386,14 @@ def test_bad_tools_are_refused_before_any_answer(
             assert needle in answer.text
             if error_type is not None:
                 assert answer.json()["error_type"] == error_type
+
+
+def test_plain_text_response_format_goes_with_tools(server: Server) -> None:
+    """Only a grammar excludes tools: `response_format: text` asks for none."""
+    body = {"model": "tgi", "messages": ASK, "tools": TOOLS, "max_tokens": 4, "tool_choice": "none"}
+    with server.client() as http:
+        answer = http.post("/v1/chat/completions", json=body | {"response_format": {"type": "text"}})
+        assert answer.status_code == 200, answer.text
 
 
 def test_tool_call_messages_with_null_content_are_accepted(server: Server) -> None:

@@ -18,7 +18,7 @@ from llm_serving.errors import (
     ServingError,
     SuffixError,
     TemplateError,
-    ValidationError,
+    ToolError,
 )
 from llm_serving.http.io import EventStream, read_json, sse_data, until_disconnect
 from llm_serving.http.state import AppState
@@ -48,6 +48,8 @@ def _adapter(state: AppState, requested: str | None) -> str | None:
 
 def _tool_plan(body: ChatRequest) -> tools.ToolPlan | None:
     """The request's tools, checked (a `ToolError` is a 422 before any answer starts)."""
+    if body.tools and body.response_format and body.response_format.grammar() is not None:
+        raise ToolError("Grammar and tools are mutually exclusive")  # TGI's words
     return tools.plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
 
 
@@ -84,8 +86,6 @@ async def _chat_events(
 
 
 def _validate_chat(service: GenerationService, body: ChatRequest, prompt: str) -> ValidRequest:
-    if body.tools and body.response_format:
-        raise ValidationError("Cannot use both `tools` and `response_format`")
     params = body.parameters()
     plan = _tool_plan(body)
     schema = None if plan is None else plan.schema()
