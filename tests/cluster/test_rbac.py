@@ -340,7 +340,8 @@ def refused(text: str, resource: str, namespace: str | None = None) -> bool:
 
 
 def forbidden_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if "403" in line]
+    """Log lines that report an HTTP 403 (not a timestamp's milliseconds, such as `17:07:24.403`)."""
+    return [line for line in text.splitlines() if re.search(r"(?<![\d.:])403(?!\d)", line)]
 
 
 def gone(cluster: Cluster, kind: str, name: str, namespace: str) -> bool:
