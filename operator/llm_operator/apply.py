@@ -101,16 +101,7 @@ async def write_status(
     kube: Kube, endpoint: LLMEndpoint, resource_version: str, status: LLMEndpointStatus
 ) -> None:
     """One merge patch of the status subresource, refused (409) if the endpoint changed since it was read."""
-    patch = {"metadata": {"resourceVersion": resource_version}, "status": status_patch(status)}
-    await kube.merge_patch(
-        API_VERSION,
-        KIND,
-        endpoint.metadata.namespace,
-        endpoint.metadata.name,
-        patch,
-        subresource="status",
-        field_manager=FIELD_MANAGER,
-    )
+    await _patch_status(kube, endpoint, resource_version, status_patch(status))
 
 
 async def write_model(
@@ -119,8 +110,16 @@ async def write_model(
     """Record the resolved revision (`status.model`) before anything is rendered with it; refused (409) if
     the endpoint changed since it was read. The endpoint's new resourceVersion."""
     value = model.model_dump(by_alias=True, exclude_none=True, mode="json") if model else None
-    patch = {"metadata": {"resourceVersion": resource_version}, "status": {"model": value}}
-    answer = await kube.merge_patch(
+    answer = await _patch_status(kube, endpoint, resource_version, {"model": value})
+    return str(answer["metadata"]["resourceVersion"])
+
+
+async def _patch_status(
+    kube: Kube, endpoint: LLMEndpoint, resource_version: str, status: Manifest
+) -> Manifest:
+    """Merge `status` into the status subresource, refused (409) if the endpoint changed since it was read."""
+    patch = {"metadata": {"resourceVersion": resource_version}, "status": status}
+    return await kube.merge_patch(
         API_VERSION,
         KIND,
         endpoint.metadata.namespace,
@@ -129,7 +128,6 @@ async def write_model(
         subresource="status",
         field_manager=FIELD_MANAGER,
     )
-    return str(answer["metadata"]["resourceVersion"])
 
 
 async def post_event(

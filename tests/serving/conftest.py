@@ -82,6 +82,17 @@ def server_env(api_key: str | None = None, **extra: str) -> dict[str, str]:
     return env | extra
 
 
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a server process still running, SIGKILL it after 60 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @contextmanager
 def subprocess_server(
     args: Sequence[str],
@@ -111,13 +122,7 @@ def subprocess_server(
         _wait_healthy(server)
         yield server
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import pytest
 from llm_contract import LOAD_PHASES, STATUS_PATH, LoadStatus, failure_line, parse_failure
 from llm_devstack.hub import StandInHub
 from llm_devstack.ports import free_port
-from tests.serving.conftest import API_KEY, REPO, STARTUP_SECONDS, server_env
+from tests.serving.conftest import API_KEY, REPO, STARTUP_SECONDS, server_env, stop
 
 THROTTLE = 6_000_000
 """Bytes per second the stand-in Hub sends: the tiny model's ~29 MB take seconds, long enough to watch."""
@@ -36,13 +36,7 @@ def _launch(
     try:
         yield process, f"http://127.0.0.1:{port}"
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process)
 
 
 def _watch(process: subprocess.Popen[bytes], url: str, log: Path) -> list[tuple[LoadStatus, int]]:
