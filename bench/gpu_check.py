@@ -22,6 +22,7 @@ import os
 import platform
 import random
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -586,9 +587,551 @@ def diag(a: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- decode
+
+LLAMA3_8B = "4096,32,32,8,14336,128256"
+"""hidden, layers, heads, KV heads, intermediate, vocab of Llama-3-8B."""
+MODEL_289M = "1024,16,16,8,2816,49152"
+"""The earlier runs' random Llama (SmolLM2's vocabulary): 289M parameters."""
+NO_CUDA = "skipped: no CUDA"
+GOALS = {
+    "large_batch1_roofline_fraction": 0.70,
+    "server_64_streams_tokens_per_s": 4000.0,
+    "small_batch1_step_ms": 1.5,
+}
+
+
+def llama_config(shape: str, init_range: float, tokenizer: Any) -> Any:
+    """A LlamaConfig of `shape` ("hidden,layers,heads,kv_heads,intermediate,vocab"; vocab 0: the
+    tokenizer's) with the tokenizer's special tokens."""
+    from transformers import LlamaConfig
+
+    hidden, layers, heads, kv_heads, intermediate, vocab = (int(x) for x in shape.split(","))
+    return LlamaConfig(
+        vocab_size=vocab or len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=8192,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=init_range,
+        tie_word_embeddings=False,
+    )
+
+
+def init_model(config: Any, dtype: Any, device: str) -> Any:
+    """Random weights made on `device` itself (no CPU copy, no download): the model on the meta device, its
+    storage allocated there, weights drawn in place, norms at 1, the rotary buffers recomputed."""
+    import torch
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config.dtype = dtype
+    with torch.device("meta"):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    model = model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(1234)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, config.initializer_range, generator=generator)
+        model.model.rotary_emb = LlamaRotaryEmbedding(config=config).to(device)
+    return model.eval()
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes a decode step reads: every weight but the input embedding (a step gathers only its rows)."""
+    embed = model.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
+
+
+def copy_bandwidth(gib: float = 4.0, repeats: int = 20) -> dict[str, Any] | str:
+    """Device-to-device copy bandwidth, counting the bytes read and written."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return NO_CUDA
+    src = torch.empty(int(gib * 2**30) // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000
+    moved = 2 * src.numel() * src.element_size() * repeats
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"bytes_per_copy": moved // repeats, "seconds": seconds, "bytes_per_s": moved / seconds}
+
+
+def decode_steps(
+    model: Any, batches: list[int], context: int, steps: int, graphs: bool
+) -> dict[str, Any] | str:
+    """Median decode step (ModelRunner.execute + greedy device sampling + the chosen ids to the host) at
+    each batch size, every row at position `context`, with the decode graphs (captured for the largest
+    batch's buckets) or eagerly."""
+    import torch
+
+    from llm_serving.engine import attention
+    from llm_serving.engine.graphs import DecodeGraphs
+    from llm_serving.engine.kv_cache import PagedKVCache, default_block_size
+    from llm_serving.engine.runner import ModelRunner, RowPlan, StepPlan
+    from llm_serving.sampling.device import DeviceSampler
+    from llm_serving.sampling.params import SamplingParams
+
+    cuda = torch.cuda.is_available()
+    if graphs and not cuda:
+        return NO_CUDA
+    device = next(model.parameters()).device
+    block = default_block_size(device)
+    per = -(-(context + 1) // block)
+    rows = max(batches)
+    cache = PagedKVCache(model, rows * per + 1, block)
+    tables = [tuple(range(r * per, (r + 1) * per)) for r in range(rows)]
+    decode = None
+    if graphs:
+        decode = DecodeGraphs(
+            model,
+            cache,
+            max_batch=rows,
+            width=per,
+            scratch=rows * per,
+            cuda_kernel=attention.cuda_kernel_applies(cache),
+            capture=True,
+        )
+    runner = ModelRunner(model, cache, graphs=decode, device_logits=True)
+    result: dict[str, Any] = {"context": context, "kernel": attention.kernel_for(cache).value}
+    if decode is not None:
+        result["captured"] = runner.capture()
+        result["capture_seconds"] = decode.capture_seconds
+    sampler = DeviceSampler(rows, int(model.config.vocab_size), device)
+    for slot in range(rows):
+        sampler.admit(slot, SamplingParams(), ())
+    step_ms: dict[str, float] = {}
+    for batch in batches:
+        plan = StepPlan(rows=tuple(RowPlan((5,), context, tables[r], True) for r in range(batch)))
+        times = []
+        for _ in range(steps + 3):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            logits = runner.execute(plan).logits
+            sampler.sample(logits, list(range(batch)))
+            times.append((time.perf_counter() - start) * 1000)
+        step_ms[str(batch)] = sorted(times[3:])[len(times[3:]) // 2]
+    result["step_ms"] = step_ms
+    del runner, decode, cache, sampler
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def engine_run(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int) -> dict[str, Any]:
+    """The whole engine in-process (scheduling, graphs, device sampling, detokenizing): every prompt at
+    once, `max_new` tokens each; throughput, decode step time and the GPU's idle gap between decode steps."""
+    import torch
+
+    from llm_serving.engine.factory import EngineConfig, build_engine
+    from llm_serving.engine.request import Request
+    from llm_serving.sampling.params import SamplingParams, StoppingParams
+
+    longest = max(map(len, prompts)) + max_new
+    config = EngineConfig(
+        max_batch_size=len(prompts),
+        max_batch_total_tokens=len(prompts) * (longest + 512),
+        max_total_tokens=longest,
+    )
+    built = time.perf_counter()
+    engine = build_engine(model, tokenizer, [], config)
+    runner = engine.runner
+    result: dict[str, Any] = {
+        "requests": len(prompts),
+        "max_new_tokens": max_new,
+        "build_seconds": time.perf_counter() - built,
+        "graphs": None if runner.graphs is None else runner.graphs.captured,
+        "capture_seconds": None if runner.graphs is None else runner.graphs.capture_seconds,
+        "device_sampler": runner.device_logits,
+    }
+    stopping = StoppingParams(max_new_tokens=max_new, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add(Request(i, tuple(p), SamplingParams(), stopping, arrival=time.monotonic()))
+    decode_ms: list[float] = []
+    tokens = 0
+    start = time.perf_counter()
+    decoding = False
+    while engine.has_work:
+        before = time.perf_counter()
+        events, stats = engine.step()
+        tokens += len(events)
+        if stats is not None and stats.rows and not stats.prefill_rows:
+            if not decoding and runner.gaps is not None:
+                runner.gaps.reset()  # gaps between decode steps only
+            decoding = True
+            decode_ms.append((time.perf_counter() - before) * 1000)
+    seconds = time.perf_counter() - start
+    result.update(
+        tokens=tokens,
+        seconds=seconds,
+        tokens_per_s=tokens / seconds,
+        decode_step_ms_p50=_bench_serving().percentile(decode_ms, 50),
+    )
+    if runner.gaps is not None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        gaps = list(runner.gaps.gaps_ms)
+        result["gpu_gap_ms"] = {
+            "steps": len(gaps),
+            "p50": _bench_serving().percentile(gaps, 50),
+            "p90": _bench_serving().percentile(gaps, 90),
+            "max": max(gaps, default=float("nan")),
+        }
+    else:
+        result["gpu_gap_ms"] = NO_CUDA
+    del engine, runner
+    return result
+
+
+def peer_generate_batch(model: Any, prompts: list[list[int]], max_new: int) -> dict[str, Any]:
+    """transformers' continuous batching (`generate_batch`) on the same prompts, greedy, EOS ignored (the
+    whole call, as its caller pays it; after a small warm-up call)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=-1)  # type: ignore[no-untyped-call]
+    warm = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1)  # type: ignore[no-untyped-call]
+    model.generate_batch(prompts[:2], generation_config=warm)
+    start = time.perf_counter()
+    out = model.generate_batch(prompts, generation_config=config)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.generated_tokens) for o in out.values())
+    return {"requests": len(prompts), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def distinct_prompts(tokenizer: Any, count: int, length: int, seed: int) -> list[str]:
+    """`count` texts of about `length` tokens each, with no common prefix (no prefix-cache hits)."""
+    rng = random.Random(seed)
+    vocab = min(len(tokenizer), 40000)
+    return [tokenizer.decode([rng.randrange(1000, vocab) for _ in range(length)]) for _ in range(count)]
+
+
+def server_arms(
+    model_dir: Path, tokenizer: Any, prompts: list[str], a: argparse.Namespace, log_path: Path
+) -> dict[str, Any]:
+    """The real server over `model_dir`: `len(prompts)` concurrent streams of `max_new_tokens`, then TTFT at
+    `ttft_requests` concurrent prompts of `ttft_tokens` tokens; with its start-up time and graph capture."""
+    bench_serving = _bench_serving()
+    long_prompts = distinct_prompts(tokenizer, a.ttft_requests, a.ttft_tokens, seed=16)
+    lengths = [len(tokenizer(p).input_ids) for p in long_prompts]
+    server = bench_serving.start_server(
+        str(model_dir),
+        a.max_new_tokens,
+        max_batch_size=len(prompts),
+        log_path=log_path,
+        timeout=300,
+        max_input_tokens=max(lengths) + 16,
+    )
+    result: dict[str, Any] = {"start_seconds": server.seconds}
+    try:
+        result["graph_capture_seconds"] = metric(server.url, "llm_serving_cuda_graph_capture_seconds")
+        bench_serving.stream_runs(server.url, prompts, 4, len(prompts))  # warm-up burst
+        result["streams"] = stream_runs(server.url, prompts, a.max_new_tokens, len(prompts))
+        ttft = bench_serving.stream_runs(server.url, long_prompts, 16, len(long_prompts))
+        result["ttft"] = {**ttft, "prompt_tokens_mean": statistics.mean(lengths)}
+        log(f"server: TTFT p50 {ttft['ttft_p50_s'] * 1000:.1f} ms at {len(long_prompts)} concurrent prompts")
+    finally:
+        server.process.terminate()
+        try:
+            server.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+    return result
+
+
+def greedy_equality(
+    model: Any, tokenizer: Any, model_dir: Path, dtype: str, tokens: int, log_path: Path
+) -> dict[str, Any]:
+    """The server's greedy tokens (each prompt alone, then all at once) vs in-process `model.generate`,
+    `tokens` each, EOS ignored on both sides; the first diverging position per prompt."""
+    import torch
+
+    reference = []
+    with torch.inference_mode():
+        for prompt in EQ_PROMPTS:
+            ids = torch.tensor([tokenizer(prompt).input_ids], device=next(model.parameters()).device)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            reference.append(out[0, ids.shape[1] :].tolist())
+    server = _bench_serving().start_server(
+        str(model_dir), tokens, dtype=dtype, log_path=log_path, timeout=300
+    )
+    bodies = [
+        {"inputs": p, "parameters": {"max_new_tokens": tokens, "do_sample": False, "details": True}}
+        for p in EQ_PROMPTS
+    ]
+    try:
+        alone = [_tokens(server.url, b) for b in bodies]
+        with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+            batched = list(pool.map(lambda b: _tokens(server.url, b), bodies))
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=60)
+
+    def divergence(a: list[int], b: list[int]) -> int | None:
+        return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+
+    # A server row may stop early at EOS (the random model can emit it); compare the common length.
+    return {
+        "dtype": dtype,
+        "tokens": tokens,
+        "alone_equal": all(divergence(s, r) is None for s, r in zip(alone, reference, strict=True)),
+        "batched_equal": all(divergence(s, r) is None for s, r in zip(batched, reference, strict=True)),
+        "alone_first_divergence": [divergence(s, r) for s, r in zip(alone, reference, strict=True)],
+        "batched_first_divergence": [divergence(s, r) for s, r in zip(batched, reference, strict=True)],
+        "server_lengths": [len(s) for s in batched],
+    }
+
+
+class DecodeCheck:
+    """Issue 16's one-shot GPU run: every arm records its result (or its failure) in <out>/gpu_decode.json."""
+
+    def __init__(self, a: argparse.Namespace) -> None:
+        import torch
+        import transformers
+        from transformers import AutoTokenizer
+
+        self.a = a
+        self.started = time.perf_counter()
+        self.cuda = torch.cuda.is_available()
+        self.device = "cuda" if self.cuda else "cpu"
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.results: dict[str, Any] = {
+            "machine": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "gpu": torch.cuda.get_device_name(0) if self.cuda else None,
+            },
+            "goals": GOALS,
+        }
+        self.failures: list[str] = []
+        self.tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
+        suffixes = ("", " Then summarise it.", " Tell it in the first person.", " Give it a twist.")
+        self.texts = [p + s for s in suffixes for p in _bench_serving().PROMPTS][: a.streams]
+        self.ids = [self.tokenizer(t).input_ids for t in self.texts]
+        self.bandwidth: Any = None
+
+    def save(self) -> None:
+        self.results["seconds"] = time.perf_counter() - self.started
+        write_json(self.a.out / "gpu_decode.json", self.results)
+
+    def arm(self, name: str, run: Any) -> Any:
+        """Run one measurement; a failure is recorded and the run goes on."""
+        try:
+            value = run()
+        except Exception as exc:
+            value = f"failed: {type(exc).__name__}: {exc}"
+            self.failures.append(f"{name}: {value}")
+            log(f"{name}: {value}")
+        self.results[name] = value
+        self.save()
+        return value
+
+    def left(self) -> float:
+        return float(self.a.budget_s - (time.perf_counter() - self.started))
+
+    def free(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def floor_ms(self, nbytes: int) -> float | None:
+        if isinstance(self.bandwidth, dict):
+            return float(nbytes / self.bandwidth["bytes_per_s"] * 1000)
+        return None
+
+    def describe(self, name: str, model: Any, shape: str) -> dict[str, Any]:
+        nbytes = weight_bytes(model)
+        info = {
+            "shape": shape,
+            "dtype": str(next(model.parameters()).dtype),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "weight_bytes": nbytes,
+            "hbm_floor_ms": self.floor_ms(nbytes),
+        }
+        self.results[name] = info
+        self.save()
+        log(f"{name}: {info['parameters'] / 1e9:.3f}B parameters, {nbytes / 1e9:.2f} GB read per step")
+        return info
+
+    def large_arms(self) -> Path:
+        """The Llama-3-8B-shaped model: step times (graphs, eager), the engine in-process, the peer; saved
+        for the server. Returns its directory."""
+        a, tokenizer = self.a, self.tokenizer
+        model = init_model(llama_config(a.large, 0.02, tokenizer), self.dtype, self.device)
+        info = self.describe("large", model, a.large)
+        graphs = self.arm(
+            "large_decode_graphs", lambda: decode_steps(model, a.batches, a.context, a.steps, True)
+        )
+        self.free()
+        self.arm("large_decode_eager", lambda: decode_steps(model, a.batches, a.context, a.steps, False))
+        self.free()
+        if isinstance(graphs, dict) and info["hbm_floor_ms"] is not None:
+            info["batch1_roofline_fraction"] = info["hbm_floor_ms"] / graphs["step_ms"]["1"]
+        self.arm("large_engine", lambda: engine_run(model, tokenizer, self.ids, a.max_new_tokens))
+        self.free()
+        directory = a.model_dir / "large"
+        saved = time.perf_counter()
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        info["save_seconds"] = time.perf_counter() - saved
+        if self.left() > 120:
+            self.arm("peer_generate_batch", lambda: peer_generate_batch(model, self.ids, a.max_new_tokens))
+        else:
+            self.results["peer_generate_batch"] = f"skipped: {self.left():.0f} s of budget left"
+        self.save()
+        return directory
+
+    def small_arms(self) -> None:
+        """The 289M model: float32 greedy equality through the server, its step times, bf16 divergence."""
+        import torch
+
+        a, tokenizer, out = self.a, self.tokenizer, self.a.out
+        model = init_model(llama_config(a.small, 0.2, tokenizer), torch.float32, self.device)
+        directory = a.model_dir / "small-float32"
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        self.arm(
+            "equality_float32",
+            lambda: greedy_equality(
+                model, tokenizer, directory, "float32", a.eq_tokens, out / "server-f32.log"
+            ),
+        )
+        model = model.to(self.dtype)
+        self.describe("small", model, a.small)
+        self.arm("small_decode_graphs", lambda: decode_steps(model, [1, 8, 64], a.context, a.steps, True))
+        self.free()
+        self.arm("small_decode_eager", lambda: decode_steps(model, [1], a.context, a.steps, False))
+        if not self.cuda:
+            self.results["equality_bfloat16"] = NO_CUDA
+        elif self.left() < 60:
+            self.results["equality_bfloat16"] = f"skipped: {self.left():.0f} s of budget left"
+        else:
+            bf16 = a.model_dir / "small-bfloat16"
+            model.save_pretrained(bf16)
+            tokenizer.save_pretrained(bf16)
+            self.arm(
+                "equality_bfloat16",
+                lambda: greedy_equality(
+                    model, tokenizer, bf16, "bfloat16", a.eq_tokens, out / "server-bf16.log"
+                ),
+            )
+
+    def run(self) -> int:
+        self.bandwidth = self.arm("copy_bandwidth", copy_bandwidth)
+        large = self.large_arms()
+        self.free()
+        self.arm(
+            "server",
+            lambda: server_arms(large, self.tokenizer, self.texts, self.a, self.a.out / "server.log"),
+        )
+        self.small_arms()
+        self.free()
+        self.results["failures"] = self.failures
+        self.save()
+        summary(self.results)
+        log(f"done in {self.results['seconds']:.0f} s; failures: {self.failures or 'none'}")
+        return 1 if self.failures else 0
+
+
+def _ms(seconds: Any) -> Any:
+    return seconds * 1000 if isinstance(seconds, float) else seconds
+
+
+def summary(r: dict[str, Any]) -> None:
+    """One line per point of the issue's "What it must show"."""
+
+    def get(*path: str) -> Any:
+        value: Any = r
+        for key in path:
+            if not isinstance(value, dict) or key not in value:
+                return value if isinstance(value, str) else None
+            value = value[key]
+        return value
+
+    def ms(value: Any) -> str:
+        return f"{value:.2f} ms" if isinstance(value, float) else str(value)
+
+    def num(value: Any) -> str:
+        return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+    bw = get("copy_bandwidth", "bytes_per_s")
+    print("== summary (goals in brackets)")
+    print(f"copy bandwidth: {bw / 1e12:.2f} TB/s" if isinstance(bw, float) else f"copy bandwidth: {bw}")
+    print(f"large: {get('large', 'weight_bytes')} weight bytes, HBM floor {ms(get('large', 'hbm_floor_ms'))}")
+    eager = get("large_decode_eager", "step_ms")
+    for batch in eager if isinstance(eager, dict) else []:
+        graphs = get("large_decode_graphs", "step_ms", batch)
+        print(f"  decode step batch {batch:>3}: graphs {ms(graphs)}, eager {ms(eager[batch])}")
+    fraction = get("large", "batch1_roofline_fraction")
+    goal = GOALS["large_batch1_roofline_fraction"]
+    print(f"  batch 1 at {fraction:.0%} of the roofline [>= {goal:.0%}]" if fraction else "  batch 1: -")
+    engine_tps = num(get("large_engine", "tokens_per_s"))
+    print(
+        f"  engine in-process: {engine_tps} tok/s, GPU gap between decode steps (ms) "
+        f"{get('large_engine', 'gpu_gap_ms')}"
+    )
+    streams = get("server", "streams", "tokens_per_s")
+    peer = get("peer_generate_batch", "tokens_per_s")
+    print(
+        f"  server, {get('server', 'streams', 'requests')} streams: {num(streams)} tok/s "
+        f"[>= {GOALS['server_64_streams_tokens_per_s']:.0f}]; generate_batch {num(peer)} tok/s; ratio "
+        f"{streams / peer:.2f}"
+        if isinstance(streams, float) and isinstance(peer, float)
+        else f"  server: {get('server')}; generate_batch: {peer}"
+    )
+    prompt_tokens = num(get("server", "ttft", "prompt_tokens_mean"))
+    ttft = ms(_ms(get("server", "ttft", "ttft_p50_s")))
+    print(
+        f"  TTFT p50 at {get('server', 'ttft', 'requests')} x {prompt_tokens} tokens: {ttft}; server start "
+        f"{num(get('server', 'start_seconds'))} s, graph capture "
+        f"{num(get('server', 'graph_capture_seconds'))} s"
+    )
+    print(
+        f"small: batch 1 graphs {ms(get('small_decode_graphs', 'step_ms', '1'))}, eager "
+        f"{ms(get('small_decode_eager', 'step_ms', '1'))} [<= {GOALS['small_batch1_step_ms']} ms]"
+    )
+    for key in ("equality_float32", "equality_bfloat16"):
+        value = r.get(key)
+        if not isinstance(value, dict):
+            print(f"{key}: {value}")
+            continue
+        print(
+            f"{key}: alone {value['alone_equal']}, batched {value['batched_equal']}, first divergence "
+            f"{value['batched_first_divergence']}"
+        )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["probe", "full", "diag"])
+    p.add_argument("stage", choices=["probe", "full", "diag", "decode"])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tag", default="local", help="probe: name of the transformers under test")
     p.add_argument("--tokenizer", type=Path, default=ROOT / ".cache/serving-tests/tokenizer-smollm2-0.1.2")
@@ -607,12 +1150,27 @@ def main() -> int:
     p.add_argument("--eq-dtypes", default="float32", help="diag: server dtypes for the alone/batched check")
     p.add_argument("--no-baselines", dest="baselines", action="store_false")
     p.add_argument("--budget-s", type=float, default=240, help="skip optional parts past this")
+    p.add_argument(
+        "--large", default=LLAMA3_8B, help="decode: hidden,layers,heads,kv_heads,intermediate,vocab"
+    )
+    p.add_argument(
+        "--small", default=MODEL_289M, help="decode: the small model's shape (vocab 0: the tokenizer's)"
+    )
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64, 128])
+    p.add_argument("--context", type=int, default=512, help="decode: position of the timed decode rows")
+    p.add_argument("--steps", type=int, default=20, help="decode: timed steps per batch size")
+    p.add_argument("--streams", type=int, default=64, help="decode: concurrent streams through the server")
+    p.add_argument("--ttft-requests", type=int, default=16)
+    p.add_argument("--ttft-tokens", type=int, default=512)
+    p.add_argument("--eq-tokens", type=int, default=32)
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if a.stage == "probe":
         return probe(a.out, a.tag)
     if a.stage == "diag":
         return diag(a)
+    if a.stage == "decode":
+        return DecodeCheck(a).run()
     return full(a)
 
 

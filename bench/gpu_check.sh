@@ -3,9 +3,16 @@
 #
 # Device (python3 there is 3.12 with torch and transformers; the rest travels as wheels in .whl/):
 #   run: bash bench/gpu_check.sh     carry: [".whl", ".cache/serving-tests/tokenizer-smollm2-0.1.2"]
-# Local CPU rehearsal with a small model:
-#   PY=.venv/bin/python WHL=none OUT=/tmp/gpu-check bash bench/gpu_check.sh \
-#     --hidden 64 --intermediate 128 --layers 2 --heads 4 --kv-heads 2 --max-new-tokens 8 --concurrency 4,8
+# STAGE=decode (the default; issue 16, at most 8 minutes on an H200): the Llama-3-8B-shaped and the 289M
+# models with random weights made on the GPU, after bench/paged_kernel.py ($OUT/gpu_paged_kernel.json, at most
+# KERNEL_S=90 s); results in $OUT/gpu_decode.json (copy it to
+# bench/results/gpu_decode-<gpu>.json) and a summary at the end of the log. STAGE=full or diag: the earlier
+# server checks. Local CPU rehearsal with tiny models (CUDA-only arms write "skipped: no CUDA"):
+#   PY=.venv/bin/python WHL=none OUT=/tmp/gpu-check bash bench/gpu_check.sh --large 64,2,4,2,128,0 \
+#     --small 64,2,4,2,128,0 --batches 1,2,4 --context 20 --steps 2 --streams 4 --ttft-requests 2 \
+#     --ttft-tokens 32 --max-new-tokens 8 --eq-tokens 8
+# (STAGE=full's rehearsal: --hidden 64 --intermediate 128 --layers 2 --heads 4 --kv-heads 2
+#  --max-new-tokens 8 --concurrency 4,8)
 # Wheels (.whl/ is ignored through .git/info/exclude), at the versions uv.lock pins:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl transformers==5.24.0 starlette==1.10.0 uvicorn==0.54.0 \
@@ -41,7 +48,7 @@ if [ -d "$WHL" ]; then
   BASE="$BASE:$SITE/base"
 fi
 
-STAGE=${STAGE:-full}  # full, or diag (step timings, profile, float32 alone/batched)
+STAGE=${STAGE:-decode}  # decode, full, or diag (step timings, profile, float32 alone/batched)
 own=0
 if [ -z "${SKIP_PROBES:-}" ]; then
   echo "== probe: engine steps vs model.generate, the interpreter's own transformers"
@@ -58,8 +65,14 @@ elif [ -n "$TF" ]; then
   # The full check runs on whichever transformers the engine is right with (the pinned one first).
   if [ $pinned -eq 0 ] || [ $own -ne 0 ]; then main_path="$TF$BASE"; fi
 fi
+if [ "$STAGE" = decode ]; then
+  echo "== paged decode kernels (Triton, torch varlen where present, SDPA): $OUT/gpu_paged_kernel.json"
+  PYTHONPATH="$main_path" timeout "${KERNEL_S:-90}" $PY -m bench.paged_kernel --out "$OUT" || echo "paged kernel bench: exit $?"
+fi
 echo "== $STAGE (PYTHONPATH=$main_path)"
-PYTHONPATH="$main_path" $PY -m bench.gpu_check "$STAGE" --out "$OUT" --tokenizer "$TOK" "$@"
+budget=()
+[ "$STAGE" = decode ] && budget=(--budget-s "${BUDGET_S:-400}")  # the optional arms stop past this
+PYTHONPATH="$main_path" $PY -m bench.gpu_check "$STAGE" --out "$OUT" --tokenizer "$TOK" "${budget[@]}" "$@"
 rc=$?
 echo "== exit $rc"
 exit $rc

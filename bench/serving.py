@@ -123,6 +123,7 @@ def start_server(
     dtype: str = "auto",
     log_path: Path | None = None,
     timeout: float = 900,
+    max_input_tokens: int = 256,
 ) -> RunningServer:
     """`python -m llm_serving` on a free port, once /health answers 200 (its output to `log_path`)."""
     port = free_port()
@@ -131,8 +132,8 @@ def start_server(
         "--model", model,
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--max-input-tokens", "256",
-        "--max-total-tokens", str(256 + max_new),
+        "--max-input-tokens", str(max_input_tokens),
+        "--max-total-tokens", str(max_input_tokens + max_new),
         "--max-batch-size", str(max_batch_size),
         "--dtype", dtype,
     ]  # fmt: skip

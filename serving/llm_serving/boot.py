@@ -16,14 +16,20 @@ from llm_serving.config import CacheOptions, Limits, check_capacity
 from llm_serving.distributed import (
     DistContext,
     agree_num_blocks,
+    all_ranks,
     follow_plans,
     init_distributed,
     plan_broadcaster,
 )
 from llm_serving.engine.async_engine import AsyncEngine
-from llm_serving.engine.factory import EngineConfig, build_engine, build_kv_cache
+from llm_serving.engine.factory import (
+    EngineConfig,
+    build_engine,
+    build_kv_cache,
+    build_runner,
+    usable_blocks,
+)
 from llm_serving.engine.kv_cache import PagedKVCache
-from llm_serving.engine.runner import ModelRunner
 from llm_serving.loading import eos_ids, load
 from llm_serving.metrics import Metrics
 from llm_serving.progress import Progress
@@ -53,20 +59,23 @@ def engine_config(limits: Limits, cache: CacheOptions) -> EngineConfig:
         prefix_caching=cache.prefix_caching,
         chunked_prefill=cache.chunked_prefill,
         kv_cache_memory_fraction=cache.memory_fraction,
+        max_total_tokens=limits.max_total_tokens,
     )
 
 
 def sized_kv_cache(model: Any, limits: Limits, cache: CacheOptions, ctx: DistContext) -> PagedKVCache:
     """This rank's KV cache, the same number of blocks on every rank; ValueError (a clear refusal to start)
     when it cannot hold one request of `max_total_tokens`."""
-    kv = build_kv_cache(model, engine_config(limits, cache), lambda n: agree_num_blocks(ctx, n))
-    check_capacity(limits, kv.num_blocks * kv.block_size)
+    config = engine_config(limits, cache)
+    kv = build_kv_cache(model, config, lambda n: agree_num_blocks(ctx, n))
+    blocks = usable_blocks(kv, config)
+    check_capacity(limits, blocks * kv.block_size)
     log.info(
         "rank %d: KV cache of %d blocks x %d tokens = %d tokens",
         ctx.rank,
-        kv.num_blocks,
+        blocks,
         kv.block_size,
-        kv.num_blocks * kv.block_size,
+        blocks * kv.block_size,
     )
     return kv
 
@@ -79,9 +88,11 @@ def build_service(
     ctx: DistContext,
     cache: CacheOptions | None = None,
     adapters: tuple[tuple[str, Path], ...] = (),
+    progress: Progress | None = None,
 ) -> GenerationService:
     """Engine thread + service around an already loaded model (rank 0), with the LoRA `adapters` (name, peft
-    folder) installed; the service's limits carry the KV cache's real capacity."""
+    folder) installed; the service's limits carry the KV cache's real capacity. The decode graphs' capture
+    time (part of the start-up, in `WarmingUp`) goes to the metrics and to `progress`'s message."""
     cache = cache or CacheOptions()
     kv = sized_kv_cache(model, limits, cache, ctx)
     engine = build_engine(
@@ -91,9 +102,16 @@ def build_service(
         replace(engine_config(limits, cache), adapters=adapters),
         broadcast=plan_broadcaster(ctx),
         cache=kv,
+        agree=lambda ok: all_ranks(ctx, ok),
     )
     names = tuple(name for name, _ in adapters)
-    metrics.set_cache_config(kv.block_size, kv.num_blocks)
+    graphs = engine.runner.graphs
+    capture = graphs.capture_seconds if graphs is not None else 0.0
+    metrics.set_graph_capture(capture)
+    if progress is not None and graphs is not None:
+        state = "captured" if graphs.captured else "not captured (eager decode)"
+        progress.phase("WarmingUp", message=f"decode CUDA graphs {state} in {capture:.2f} s")
+    metrics.set_cache_config(kv.block_size, engine.scheduler.pool.num_blocks)
     metrics.set_adapters(names)
     async_engine = AsyncEngine(engine, limits.max_concurrent_requests, on_step=metrics.on_step)
     effective = replace(limits, max_batch_total_tokens=engine.max_batch_total_tokens)
@@ -109,7 +127,9 @@ def load_service(options: ServerOptions, progress: Progress, metrics: Metrics) -
     model, tokenizer = load(options.source, options.dtype, ctx.world_size, device_for(ctx), progress=progress)
     adapters = tuple((a.name, adapter_folder(a)) for a in options.adapters)
     progress.phase("WarmingUp")
-    service = build_service(model, tokenizer, options.limits, metrics, ctx, options.cache, adapters)
+    service = build_service(
+        model, tokenizer, options.limits, metrics, ctx, options.cache, adapters, progress=progress
+    )
     progress.adapters(service.adapters)
     log.info("rank 0/%d: model loaded, tensor parallel %d", ctx.world_size, model.tp_size or 1)
     return service
@@ -123,4 +143,7 @@ def follow(options: ServerOptions) -> None:
     model, _ = load(options.source, options.dtype, ctx.world_size, device_for(ctx), progress=Progress())
     log.info("rank %d/%d: model loaded, tensor parallel %d", ctx.rank, ctx.world_size, model.tp_size or 1)
     kv = sized_kv_cache(model, options.limits, options.cache, ctx)
-    follow_plans(ctx, ModelRunner(model, kv))
+    config = engine_config(options.limits, options.cache)
+    # Its logits stay on the device: rank 0 samples, a follower only keeps its KV cache in step.
+    runner = build_runner(model, kv, config, agree=lambda ok: all_ranks(ctx, ok), device_logits=True)
+    follow_plans(ctx, runner)

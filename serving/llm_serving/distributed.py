@@ -68,6 +68,15 @@ def agree_num_blocks(ctx: DistContext, num_blocks: int) -> int:
     return int(value.item())
 
 
+def all_ranks(ctx: DistContext, ok: bool) -> bool:
+    """Whether `ok` holds on every rank (each one calls this, in the same order)."""
+    if ctx.world_size == 1:
+        return ok
+    value = torch.tensor([int(ok)], dtype=torch.int64)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=ctx.group)
+    return bool(value.item())
+
+
 def _bound_step_collectives(ctx: DistContext) -> None:
     """From now on the model's collectives (the default group) give up after the work timeout."""
     dist.set_timeout(ctx.settings.work_timeout)

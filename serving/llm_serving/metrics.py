@@ -105,6 +105,11 @@ class Metrics:
         self.in_flight = Gauge(
             "llm_serving_requests_in_flight", "Requests admitted and not finished", registry=r
         )
+        self.graph_capture = Gauge(
+            "llm_serving_cuda_graph_capture_seconds",
+            "Start-up time spent capturing the decode CUDA graphs (0: none captured)",
+            registry=r,
+        )
 
         def hist(name: str, doc: str, buckets: Iterable[float] = DURATION_BUCKETS) -> Histogram:
             return Histogram(name, doc, buckets=tuple(buckets), registry=r)
@@ -178,6 +183,10 @@ class Metrics:
         """The KV cache's layout, once it is sized."""
         self.batch_max_tokens.set(block_size * num_blocks)
         self.v_cache_config.labels(str(block_size), str(num_blocks)).set(1)
+
+    def set_graph_capture(self, seconds: float) -> None:
+        """The decode CUDA graphs' capture time at start-up."""
+        self.graph_capture.set(seconds)
 
     def set_adapters(self, names: tuple[str, ...]) -> None:
         """The LoRA adapters loaded: from now on `vllm:lora_requests_info` is exported (none: never)."""

@@ -2,9 +2,10 @@
 
 The model runs one packed `[1, T]` sequence; the step's `PagedStep` reaches every attention layer through the
 forward's keyword arguments (`paged_step=`). Each layer writes its new keys and values into the blocks at the
-step's slot mapping, then attends per row over the row's blocks: on CPU (and wherever the CUDA kernel does not
-apply) with SDPA, decode rows of similar lengths in one call and each prefill chunk in its own; on CUDA with
-torch's paged varlen flash attention.
+step's slot mapping, then attends per row over the row's blocks with the kernel `kernels.select.choose` picks
+for the cache: on CPU with SDPA, decode rows of similar lengths in one call and each prefill chunk in its own;
+on CUDA with torch's paged varlen flash attention where the installed torch has it, else with our Triton paged
+decode kernel for the decode rows (SDPA for prefill chunks).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.nn.attention.varlen import varlen_attn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from llm_serving.engine.kernels.select import Kernel, choose, detect
 from llm_serving.engine.kv_cache import PagedKVCache
 
 NAME = "llm_paged"
@@ -83,6 +85,15 @@ class PagedStep:
         assert found is not None
         return found
 
+    def decode_lengths(self, index: int) -> torch.Tensor:
+        """`[B]`: keys of each row of decode group `index`, its own token included."""
+        key = ("lengths", index, None)
+        if key not in self._masks:
+            self._masks[key] = self.decode[index].positions[:, 0] + 1
+        found = self._masks[key]
+        assert found is not None
+        return found
+
     def prefill_mask(self, index: int, window: int | None) -> torch.Tensor | None:
         """`[1, 1, count, start + count]` causal mask with the cached prefix; None when SDPA's `is_causal`
         gives the same (no prefix, no window)."""
@@ -141,20 +152,29 @@ def _sdpa_paged(
     scaling: float | None,
     window: int | None,
     softcap: float | None,
+    decode_kernel: bool = False,
 ) -> torch.Tensor:
-    """`[1, T, H, D]`: each group of decode rows in one call over its gathered blocks, each prefill chunk on
-    its own."""
+    """`[1, T, H, D]`: each group of decode rows in one call (with SDPA over its gathered blocks, or, with
+    `decode_kernel`, the Triton paged decode kernel over the cache), each prefill chunk on its own."""
     cache = step.cache
     keys, values = cache.keys[module.layer_idx], cache.values[module.layer_idx]
     out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     for index, decode in enumerate(step.decode):
         rows = decode.tokens.numel()
-        width = decode.max_blocks * cache.block_size
-        k = keys.index_select(0, decode.blocks).view(rows, width, *keys.shape[2:]).transpose(1, 2)
-        v = values.index_select(0, decode.blocks).view(rows, width, *values.shape[2:]).transpose(1, 2)
-        q = query[0].index_select(1, decode.tokens).transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-        attended = _attend(q, k, v, step.decode_mask(index, window), scaling, softcap)
-        out[0].index_copy_(0, decode.tokens, attended.squeeze(2))
+        q = query[0].index_select(1, decode.tokens).transpose(0, 1)  # [B, H, D]
+        if decode_kernel:
+            from llm_serving.engine.kernels.paged_decode import paged_decode  # imports Triton: CUDA only
+
+            table = decode.blocks.view(rows, decode.max_blocks)
+            lengths = step.decode_lengths(index)
+            attended = paged_decode(q, keys, values, table, lengths, scaling, softcap, window)
+        else:
+            width = decode.max_blocks * cache.block_size
+            k = keys.index_select(0, decode.blocks).view(rows, width, *keys.shape[2:]).transpose(1, 2)
+            v = values.index_select(0, decode.blocks).view(rows, width, *values.shape[2:]).transpose(1, 2)
+            mask = step.decode_mask(index, window)
+            attended = _attend(q.unsqueeze(2), k, v, mask, scaling, softcap).squeeze(2)
+        out[0].index_copy_(0, decode.tokens, attended)
     for index, row in enumerate(step.prefills):
         end = row.offset + row.count
         q = query[:, :, row.offset : end]
@@ -225,7 +245,8 @@ def paged_attention(
     softcap = kwargs.get("softcap")
     if step.varlen is not None and softcap is None:
         return _cuda_paged(query, keys, values, step.varlen, scaling, window), None
-    return _sdpa_paged(module, query, key, value, step, scaling, window, softcap), None
+    decode_kernel = keys.is_cuda and kernel_for(cache) is Kernel.TRITON
+    return _sdpa_paged(module, query, key, value, step, scaling, window, softcap, decode_kernel), None
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
@@ -233,11 +254,15 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def cuda_kernel_applies(cache: PagedKVCache) -> bool:
-    """Whether torch's paged varlen flash kernel can run over this cache (CUDA, half precision, pages of a
-    multiple of 256 tokens)."""
+def kernel_for(cache: PagedKVCache) -> Kernel:
+    """The attention kernel for this cache, from what this process's torch and Triton offer on its device."""
     keys = cache.keys[0]
-    return keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16) and cache.block_size % 256 == 0
+    return choose(keys.device.type, keys.dtype, cache.block_size, detect(keys.device))
+
+
+def cuda_kernel_applies(cache: PagedKVCache) -> bool:
+    """Whether torch's paged varlen flash kernel runs over this cache (the runner then builds `Varlen`)."""
+    return kernel_for(cache) is Kernel.VARLEN
 
 
 AttentionInterface.register(NAME, paged_attention)

@@ -15,6 +15,7 @@ from llm_serving.engine.request import FinishReason, Request
 from llm_serving.engine.runner import ModelRunner, RowPlan, StepLogits, StepPlan
 from llm_serving.engine.scheduler import ScheduledRow, Scheduler, SchedulerOutput
 from llm_serving.outputs import Event, FailureEvent, StepStats, TokenEvent, TokenInfo
+from llm_serving.sampling.device import DeviceSampler, sample_rows
 from llm_serving.sampling.logits import RowContext
 from llm_serving.sampling.masks import Constraints, PendingMasks
 from llm_serving.sampling.sampler import choose, make_generator
@@ -36,7 +37,9 @@ def row_plan(row: ScheduledRow) -> RowPlan:
 
 
 class Engine:
-    """Owns the scheduler and the runner; every call happens on one thread."""
+    """Owns the scheduler and the runner; every call happens on one thread. With a `sampler` (CUDA) the
+    sampled rows are chosen on the device (watermarked ones on the CPU), each running request holding one of
+    its slots from its first sampled token until it leaves the running set."""
 
     def __init__(
         self,
@@ -45,6 +48,7 @@ class Engine:
         scheduler: Scheduler,
         eos_ids: Collection[int],
         clock: Callable[[], float] = time.monotonic,
+        sampler: DeviceSampler | None = None,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -58,6 +62,9 @@ class Engine:
         self._constraints = Constraints(tokenizer)
         self._refused: list[Event] = []  # requests whose grammar did not compile, told at the next step
         self._last_cache = scheduler.pool.stats()
+        self._sampler = sampler
+        self._slots: dict[int, int] = {}  # request id -> its device sampler slot
+        self._free_slots = list(range(scheduler.config.max_batch_size))[::-1]
 
     @property
     def has_work(self) -> bool:
@@ -93,6 +100,8 @@ class Engine:
     def abort_all(self) -> list[int]:
         """Drop every request; returns the ids of those still open."""
         aborted = [r.id for r in self.scheduler.abort_all()]
+        for request_id in list(self._slots):
+            self._release_slot(request_id)
         self._detok.clear()
         self._generators.clear()
         self._scheduled_at.clear()
@@ -105,6 +114,26 @@ class Engine:
         self._generators.pop(request_id, None)
         self._scheduled_at.pop(request_id, None)
         self._constraints.forget(request_id)
+        self._release_slot(request_id)
+
+    def _release_slot(self, request_id: int) -> None:
+        slot = self._slots.pop(request_id, None)
+        if slot is not None:
+            assert self._sampler is not None
+            self._sampler.release(slot)
+            self._free_slots.append(slot)
+
+    def _slot(self, request: Request) -> int | None:
+        """The device sampler slot of a running request (admitted at its first sampled row since it started
+        running); None without a device sampler or for a watermarked request."""
+        if self._sampler is None or not self._sampler.supports(request.sampling):
+            return None
+        slot = self._slots.get(request.id)
+        if slot is None:
+            slot = self._free_slots.pop()
+            self._sampler.admit(slot, request.sampling, request.prompt_ids, request.output_ids)
+            self._slots[request.id] = slot
+        return slot
 
     def _token(self, token: int, text: str, logprob: float) -> TokenInfo:
         return TokenInfo(id=token, text=text, logprob=logprob, special=token in self.special_ids)
@@ -129,6 +158,8 @@ class Engine:
             return [FailureEvent(i, _message(exc)) for i in self.abort_all()], None
         for request in out.removed:
             self._forget(request.id)
+        for request in out.preempted:  # its counts are rebuilt when it runs again
+            self._release_slot(request.id)
         if not out.rows:
             changed = out.removed or out.preempted
             return [], self._stats(out, start) if changed else None
@@ -160,10 +191,16 @@ class Engine:
                 row.request.prompt_logprob_values.extend(values)
         sampled = [row.request for row in out.rows if row.sample]
         if not sampled:
+            self.runner.step_done()
             return []
         contexts = [RowContext(r.sampling, r.prompt_ids, r.output_ids) for r in sampled]
         generators = [self._generators.get(r.id) for r in sampled]
-        choices = choose(result.logits, contexts, generators, masks.result())
+        if self._sampler is None:
+            choices = choose(result.logits, contexts, generators, masks.result())
+        else:
+            slots = [self._slot(r) for r in sampled]
+            choices = sample_rows(self._sampler, result.logits, contexts, slots, generators, masks.result())
+        self.runner.step_done()  # the step's GPU work is over: what follows, up to the next step, is the gap
         events: list[Event] = []
         for request, choice in zip(sampled, choices, strict=True):
             request.output_ids.append(choice.token)

@@ -14,6 +14,7 @@ import torch
 
 from llm_serving.engine import attention
 from llm_serving.engine.attention import DecodeRows, PagedStep, PrefillRow, Varlen
+from llm_serving.engine.graphs import DecodeGraphs, StepGaps
 from llm_serving.engine.kv_cache import PagedKVCache
 from llm_serving.engine.lora import LoraBatch, LoraLayers, lora_batch
 
@@ -45,8 +46,8 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class StepLogits:
-    """Next-token logits `[rows with sample=True, V]` (float32 on CPU, in row order) and, per row, the prompt
-    log-probs asked for (`[]` when none)."""
+    """Next-token logits `[rows with sample=True, V]` (float32, in row order: on the CPU, or on the model's
+    device for a runner with `device_logits`) and, per row, the prompt log-probs asked for (`[]` if none)."""
 
     logits: torch.Tensor
     prompt_logprobs: tuple[list[float], ...]
@@ -210,7 +211,8 @@ def check_attention_backend(model: Any) -> None:
 
 
 class ModelRunner:
-    """Owns the model and this rank's share of the paged KV cache."""
+    """Owns the model and this rank's share of the paged KV cache; decode-only steps go through `graphs` when
+    given (CUDA), every other step (and every step on CPU) through the eager packed forward."""
 
     def __init__(
         self,
@@ -218,14 +220,30 @@ class ModelRunner:
         cache: PagedKVCache,
         broadcast: Callable[[StepPlan | None], None] | None = None,
         lora: LoraLayers | None = None,
+        graphs: DecodeGraphs | None = None,
+        device_logits: bool = False,
     ) -> None:
         self.model = model
+        self.device_logits = device_logits
+        """Leave the step's logits on the device (a device sampler takes them there)."""
         self.cache = cache
         self.lora = lora
+        self.graphs = graphs
         self.device = next(model.parameters()).device
         self._broadcast = broadcast
         self._cuda_kernel = attention.cuda_kernel_applies(cache)
+        self.gaps = StepGaps() if self.device.type == "cuda" else None
+        """The GPU's idle time between steps (CUDA only): from `step_done` of one step to the start of the
+        next `execute`."""
         check_attention_backend(model)
+
+    def capture(self, agree: Callable[[bool], bool] | None = None) -> bool:
+        """Capture the decode graphs (at start-up, on every rank in the same order); False when there are none
+        or their capture failed (decode then runs eagerly over the same static buffers)."""
+        if self.graphs is None:
+            return False
+        with torch.inference_mode(), _attention_implementation(self.model, attention.NAME):
+            return self.graphs.capture_all(agree)
 
     def execute(self, plan: StepPlan) -> StepLogits:
         """Run one step on this rank (broadcasting the plan first on rank 0 of a TP group)."""
@@ -234,18 +252,41 @@ class ModelRunner:
         if not plan.rows:
             return StepLogits(logits=torch.empty(0, 0), prompt_logprobs=())
         with torch.inference_mode(), _attention_implementation(self.model, attention.NAME):
-            packed = pack(plan, self.cache, self.device, self._cuda_kernel, self.lora)
-            with self._adapters(packed.lora):
-                out = self.model(
-                    input_ids=packed.input_ids,
-                    position_ids=packed.position_ids,
-                    use_cache=False,
-                    logits_to_keep=packed.keep,
-                    paged_step=packed.step,
-                )
-            kept = out.logits[0].float()
-            logits = kept[: packed.num_sample].cpu()
-            prompt_logprobs = self._prompt_logprobs(plan, kept[packed.num_sample :], packed.targets)
+            if self.gaps is not None:
+                self.gaps.begin()
+            decoded = self._decode(plan)
+            result = decoded if decoded is not None else self._packed(plan)
+        return result
+
+    def step_done(self) -> None:
+        """The step's last GPU work (its sampling included) is queued."""
+        if self.gaps is not None:
+            self.gaps.end()
+
+    def _host(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.device_logits else logits.cpu()
+
+    def _decode(self, plan: StepPlan) -> StepLogits | None:
+        """A decode-only step through the graphs; None when there are none or the step is not one for them."""
+        logits = self.graphs.run(plan) if self.graphs is not None else None
+        if logits is None:
+            return None
+        return StepLogits(logits=self._host(logits.float()), prompt_logprobs=tuple([] for _ in plan.rows))
+
+    def _packed(self, plan: StepPlan) -> StepLogits:
+        """Any step, eagerly, as one packed sequence."""
+        packed = pack(plan, self.cache, self.device, self._cuda_kernel, self.lora)
+        with self._adapters(packed.lora):
+            out = self.model(
+                input_ids=packed.input_ids,
+                position_ids=packed.position_ids,
+                use_cache=False,
+                logits_to_keep=packed.keep,
+                paged_step=packed.step,
+            )
+        kept = out.logits[0].float()
+        logits = self._host(kept[: packed.num_sample])
+        prompt_logprobs = self._prompt_logprobs(plan, kept[packed.num_sample :], packed.targets)
         return StepLogits(logits=logits, prompt_logprobs=prompt_logprobs)
 
     def _adapters(self, batch: LoraBatch | None) -> AbstractContextManager[None]:
