@@ -10,23 +10,25 @@ VENV := .venv
 PY := $(VENV)/bin/python
 
 HELM = $(shell $(PY) -c "from llm_devstack.controlplane import default_bin_dir; print(default_bin_dir() / 'helm')")
+ACTIONLINT = $(shell $(PY) -c "from llm_devstack.controlplane import default_bin_dir; print(default_bin_dir() / 'actionlint')")
 CRD_OUTPUTS := crds/llmendpoints.yaml charts/llm-endpoints/crds/llmendpoints.yaml
 
-.PHONY: help run test lint typecheck generated unit cluster-tests serving-tests e2e-tests crds manifests install-yaml cluster-bin system-packages bench venv clean
+.PHONY: help run test lint typecheck generated unit cluster-tests serving-tests e2e-tests crds manifests install-yaml images cluster-bin system-packages bench venv clean
 
 help:  ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-run: venv cluster-bin  ## A local SmolLM2 endpoint end to end: control plane, operator, gateway, local node (Ctrl-C stops all)
+run: venv cluster-bin images  ## A local SmolLM2 endpoint end to end: control plane, real local node, operator, gateway (Ctrl-C stops all)
 	$(PY) -m llm_devstack
 
-test: venv cluster-bin lint typecheck generated  ## Lint, type-check, check generated files, then every test suite
+test: venv cluster-bin images lint typecheck generated  ## Lint, type-check, check generated files, then every test suite
 	$(PY) -m pytest tests
 
-lint: venv  ## ruff (lint and format), import-linter (which packages may import which)
+lint: venv cluster-bin  ## ruff (lint and format), import-linter (which packages may import which), actionlint (CI workflows)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+	$(ACTIONLINT) .github/workflows/*.yml
 
 typecheck: venv  ## mypy --strict on our packages and tests
 	$(VENV)/bin/mypy
@@ -56,22 +58,30 @@ install-yaml:
 unit: venv  ## Pure-function tests only (seconds)
 	$(PY) -m pytest tests/unit
 
-cluster-tests: venv cluster-bin  ## Tests against the real local control plane
+cluster-tests: venv cluster-bin images  ## Tests against the real local control plane
 	$(PY) -m pytest tests/cluster tests/gateway
 
 serving-tests: venv  ## The serving server with real models and real clients
 	$(PY) -m pytest tests/serving
 
-e2e-tests: venv cluster-bin  ## The whole stack: manifest -> operator -> node agent -> serving -> gateway -> client
+e2e-tests: venv cluster-bin images  ## The whole stack: manifest -> operator -> kubelet -> serving image -> gateway -> client
 	$(PY) -m pytest tests/e2e
 
-cluster-bin: system-packages  ## Build kube-apiserver, controller-manager, scheduler, kubectl, etcd, kwok, helm (once)
+images: venv cluster-bin  ## Build the operator, serving and pause images with buildah (layers cached; REGISTRY=... also tags them for it, PUSH=1 pushes)
+	$(PY) -m llm_devstack.images build $(if $(REGISTRY),--registry $(REGISTRY)) $(if $(PUSH),--push)
+
+cluster-bin: system-packages  ## Build kube-apiserver, controller-manager, scheduler, kubelet, kube-proxy, kubectl, etcd, kwok, helm (once)
 	@command -v go >/dev/null || { echo "make: Go is needed to build the control plane (go.dev/doc/install)"; exit 1; }
 	@bash devstack/tools/build.sh
 
-# Debian packages: iproute2 (pod network namespaces of the local node agent), prometheus (the autoscaler's
+# Debian packages: iproute2 (the real node's bridge), prometheus (the autoscaler's
 # Prometheus source is tested against a real server), nginx (the gateway benchmark's reference proxy), curl.
 SYSTEM_COMMANDS := ip:iproute2 prometheus:prometheus nginx:nginx-light curl:curl
+# shellcheck: actionlint (make lint) checks the workflows' run: scripts with it when it is installed.
+SYSTEM_COMMANDS += shellcheck:shellcheck
+# buildah, mmdebstrap (make images); containerd, runc, the CNI plugins, iptables (the real node, kube-proxy).
+SYSTEM_COMMANDS += buildah:buildah mmdebstrap:mmdebstrap containerd:containerd runc:runc
+SYSTEM_COMMANDS += /usr/lib/cni/bridge:containernetworking-plugins iptables:iptables
 
 system-packages:  ## Install the Debian packages the tests and benchmarks run (iproute2, prometheus, nginx)
 	@missing=$$(for pair in $(SYSTEM_COMMANDS); do command -v $${pair%%:*} >/dev/null || echo $${pair#*:}; done); \
@@ -87,7 +97,7 @@ $(VENV)/.synced: uv.lock pyproject.toml operator/pyproject.toml serving/pyprojec
 	$(UV) sync --frozen
 	@touch $@
 
-bench: venv cluster-bin  ## Side-by-side benchmarks (serving, engine, structured output, LoRA, load, start-up, gateway, wake, cold start, operator); results in bench/results/
+bench: venv cluster-bin images  ## Side-by-side benchmarks (serving, engine, structured output, LoRA, load, start-up, gateway, wake, cold start, operator); results in bench/results/
 	$(PY) -m bench.serving
 	$(PY) -m bench.engine
 	$(PY) -m bench.structured

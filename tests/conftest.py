@@ -1,4 +1,5 @@
-"""Shared fixtures: the real local control plane, started once per session when a test asks for it."""
+"""Shared fixtures: the real local control plane, started once per session when a test asks for it, and the
+real node (kubelet, containerd, kube-proxy) that runs the built images."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import pytest
 
 from llm_devstack.controlplane import Cluster
 
+ADMISSION = "--enable-admission-plugins=OwnerReferencesPermissionEnforcement"
+"""As hardened clusters run it: only who may update an owner's finalizers sets `blockOwnerDeletion` on its
+children (`test_rbac.py` shows the chart's RBAC suffices)."""
+
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """etcd, kube-apiserver, controller manager, scheduler and kwok with three GPU nodes."""
-    control_plane = Cluster(tmp_path_factory.mktemp("cluster"))
+    control_plane = Cluster(tmp_path_factory.mktemp("cluster"), extra_args={"kube-apiserver": [ADMISSION]})
     try:
         control_plane.start()
         yield control_plane
@@ -22,11 +27,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="session")
 def local_node(cluster: Cluster) -> str:
-    """A Node with 4 CPU-backed "GPUs" whose pods the local node agent runs as real processes.
+    """The real node `local-0`: kubelet, containerd and kube-proxy on this machine, with the images of
+    `make images` imported and 4 CPU-backed "GPUs" (`nvidia.com/gpu`; pods that request them run on the CPU).
 
-    It is tainted: pods land there only with `llm_devstack.node_agent.AGENT_PLACEMENT`.
-    """
-    cluster.start_node_agent("local-0", gpus=4)
+    It is tainted: pods land there only with `llm_devstack.node.LOCAL_PLACEMENT`. One per machine, so every
+    test that runs pods shares it (and the `cluster`)."""
+    cluster.start_real_node("local-0", gpus=4)
     return "local-0"
 
 

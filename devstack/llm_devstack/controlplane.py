@@ -1,23 +1,26 @@
 """A real, local Kubernetes control plane for `make run`, the tests and the benchmarks.
 
 etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok run as child processes on free
-loopback ports, with certificates made at start and an admin kubeconfig. The binaries come from
-`make cluster-bin` (built from the Go modules in devstack/tools). Every wait is bounded; a component that
-fails raises `ComponentError` naming it with the tail of its log. Children die with the harness: each runs
-in its own process group, is stopped on exit, and gets SIGKILL from the kernel if the harness itself dies.
+loopback ports, with certificates made at start and an admin kubeconfig; `start_real_node` adds a real node
+(containerd, kubelet, kube-proxy: `llm_devstack.node`) that runs pods from the built images. The binaries
+come from `make cluster-bin` (built from the Go modules in devstack/tools). Every wait is bounded; a
+component that fails raises `ComponentError` naming it with the tail of its log. Children die with the
+harness: each runs in its own process group, is stopped on exit, and gets SIGKILL from the kernel if the
+harness itself dies.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import hashlib
+import ipaddress
 import os
 import shutil
 import signal
 import ssl
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -26,19 +29,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import trustme
 import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from llm_devstack.node_agent import POD_MARKER_ENV, network
+from llm_devstack.node import containerd, host, kubelet, proxy
+from llm_devstack.node import network as node_network
 from llm_devstack.paths import ROOT, TOOLS
 from llm_devstack.ports import free_port
 from llm_devstack.processes import die_with_parent
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
-NODE_AGENT = "node-agent"
+NODE_BINARIES = ("kubelet", "kube-proxy")
+"""What `make cluster-bin` builds for the real node (containerd, runc and the CNI plugins are Debian's)."""
+SERVICE_RANGE = "10.96.0.0/16"
+KUBERNETES_SERVICE_IP = str(ipaddress.ip_network(SERVICE_RANGE)[1])
+"""The `kubernetes` Service's ClusterIP (the first of SERVICE_RANGE): pods reach the API server there."""
+NODE_READY_TIMEOUT = 120.0
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -78,15 +86,6 @@ def default_bin_dir() -> Path:
     digest = hashlib.sha256((TOOLS / "versions.env").read_bytes()).hexdigest()[:8]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "llm-endpoints" / "cluster-bin" / f"{versions()['KUBERNETES_VERSION']}-{digest}" / "bin"
-
-
-def pod_processes(workdir: Path) -> list[psutil.Process]:
-    """Processes the local node agent started for this cluster's pods (they carry its marker variable)."""
-    found = []
-    for process in psutil.process_iter(["environ"]):
-        if (process.info["environ"] or {}).get(POD_MARKER_ENV) == str(workdir):
-            found.append(process)
-    return found
 
 
 def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -147,6 +146,7 @@ class Cluster:
     ports: dict[str, int] = field(default_factory=dict)
     extra_args: Mapping[str, Sequence[str]] = field(default_factory=dict)
     processes: list[Process] = field(default_factory=list)
+    real_node: host.RealNode | None = None
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -199,13 +199,11 @@ class Cluster:
         return self
 
     def stop(self) -> None:
-        """Stops every component, newest first, then anything a pod left behind; safe to call twice."""
+        """Stops the real node (and what it changed on the host), then every component, newest first; safe
+        to call twice."""
+        self.stop_real_node()
         while self.processes:
             self.processes.pop().stop()
-        for leftover in pod_processes(self.workdir):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                leftover.kill()
-        network.sweep(self.workdir / "netns")
 
     def pids(self) -> list[int]:
         """Process ids of the running components."""
@@ -269,18 +267,173 @@ class Cluster:
                 "Run `make cluster-bin` to build them from Go modules."
             )
 
-    def start_node_agent(self, node: str = "local-0", gpus: int = 4, *, taint: bool = True) -> None:
-        """Starts the local node agent (`llm_devstack.node_agent`): it runs the pods bound to `node` as local
-        processes."""
-        args = ["-m", "llm_devstack.node_agent", f"--kubeconfig={self.kubeconfig}", f"--node={node}"]
-        args += [f"--gpus={gpus}", f"--workdir={self.workdir}", *([] if taint else ["--no-taint"])]
-        self._spawn(NODE_AGENT, args, lambda: self._nodes_ready([node]), executable=sys.executable)
+    def start_real_node(
+        self,
+        name: str = "local-0",
+        gpus: int = 4,
+        *,
+        taint: bool = True,
+        images: Sequence[Path] | None = None,
+    ) -> host.RealNode:
+        """Starts a real node on this machine (`llm_devstack.node`): containerd with `images` imported (OCI
+        archives, by default all that `make images` built; one containerd holds at the same digest is
+        skipped), then a kubelet and kube-proxy. Returns once the Node is Ready, labelled `NODE_LABEL=true`
+        (tainted with it unless `taint` is false) and advertising `gpus` as `nvidia.com/gpu`, an extended
+        resource: pods requesting it run on the CPU. One per machine: raises HarnessError naming a real node
+        that is running already. `stop()` undoes it all."""
+        from llm_devstack.images import archives  # images imports this module
 
-    def pod_log(self, namespace: str, pod: str, container: str = "serving") -> Path:
-        """Where the node agent writes a pod's container output."""
-        return self.workdir / "pods" / f"{namespace}_{pod}" / f"{container}.log"
+        self._check_binaries(NODE_BINARIES)
+        if missing := host.missing_packages():
+            raise HarnessError(f"the real node needs {', '.join(missing)}: run `make system-packages`")
+        archive_paths = list(archives().values()) if images is None else list(images)
+        try:
+            host.claim(name, self.workdir)
+        except host.NodeError as error:
+            raise HarnessError(str(error)) from error
+        run_dir = host.node_dir(self.workdir)
+        node = self.real_node = host.RealNode(
+            name, gpus, taint, archive_paths, run_dir, self.bin_dir / "kube-proxy"
+        )
+        node_network.create_bridge()
+        node_network.write_cni_config(run_dir / "cni", run_dir / "ipam")
+        self._start_containerd(node)
+        self._authorize_node()
+        self._start_kubelet(node)
+        self._advertise_gpus(name, gpus)
+        self._start_kube_proxy(node)
+        return node
 
-    def _launch(self, name: str, args: list[str], executable: str | None = None) -> Process:
+    def _spawn_node_component(
+        self,
+        node: host.RealNode,
+        name: str,
+        command: list[str],
+        healthy: Callable[[], bool],
+        env: Mapping[str, str] | None = None,
+        timeout: float = START_TIMEOUT,
+    ) -> None:
+        node.processes.append(self._spawn(name, command[1:], healthy, command[0], env, timeout))
+
+    def _start_containerd(self, node: host.RealNode) -> None:
+        """containerd, cleared of a killed run's containers, holding the node's images."""
+        from llm_devstack.images import PAUSE_IMAGE  # images imports this module
+
+        config = node.run_dir / "containerd.toml"
+        config.write_text(containerd.config(sandbox_image=PAUSE_IMAGE, cni_conf_dir=node.run_dir / "cni"))
+        self._spawn_node_component(
+            node, "containerd", containerd.command(config), containerd.ready, containerd.env()
+        )
+        containerd.remove_containers()  # containerd's root still records a killed run's pods
+        containerd.import_archives(node.images)
+        if PAUSE_IMAGE not in containerd.images():
+            raise HarnessError(f"containerd has no {PAUSE_IMAGE} (the pod sandbox image): run `make images`")
+
+    def _start_kubelet(self, node: host.RealNode) -> None:
+        """The kubelet with credentials from this cluster's CA, its cgroups and rshared root; until Ready."""
+        run_dir = node.run_dir
+        kubeconfig_file = kubelet.write_kubeconfig(self.pki, node.name, self.server, run_dir / "credentials")
+        root_dir = run_dir / "kubelet"
+        host.create_cgroups()
+        host.bind_rshared(root_dir)
+        config = run_dir / "kubelet.yaml"
+        settings = kubelet.configuration(
+            node_ip=node_network.node_ip(),
+            client_ca=self.pki / "ca.crt",
+            runtime_socket=containerd.SOCKET,
+            pod_logs=run_dir / "pod-logs",
+            cgroup_root=host.CGROUP,
+            taint=node.taint,
+        )
+        config.write_text(yaml.safe_dump(settings))
+        command = kubelet.command(
+            self.bin_dir / "kubelet",
+            config=config,
+            kubeconfig_file=kubeconfig_file,
+            root_dir=root_dir,
+            node=node.name,
+            node_ip=node_network.node_ip(),
+            masks=kubelet.kernel_masks(run_dir / "kernel"),
+        )
+        # a Node kept from an earlier kubelet of this cluster still reads Ready: wait for this one's heartbeat
+        ready = functools.partial(self._node_ready_since, node.name, datetime.datetime.now(datetime.UTC))
+        env = {**os.environ, "PATH": kubelet.PATH}
+        self._spawn_node_component(node, "kubelet", command, ready, env, NODE_READY_TIMEOUT)
+
+    def _start_kube_proxy(self, node: host.RealNode) -> None:
+        """kube-proxy with its own credentials, until its health endpoint answers."""
+        kubeconfig_file = proxy.write_kubeconfig(
+            self.pki, node.name, self.server, node.run_dir / "credentials"
+        )
+        self.ports.setdefault("kube-proxy", free_port())
+        config = node.run_dir / "kube-proxy.yaml"
+        settings = proxy.configuration(
+            kubeconfig_file=kubeconfig_file,
+            node=node.name,
+            healthz_port=self.ports["kube-proxy"],
+            metrics_port=free_port(),
+        )
+        config.write_text(yaml.safe_dump(settings))
+        healthz = functools.partial(self._url_ok, f"http://127.0.0.1:{self.ports['kube-proxy']}/healthz")
+        self._spawn_node_component(node, "kube-proxy", proxy.command(node.proxy_binary, config), healthz)
+
+    def stop_real_node(self) -> host.RealNode | None:
+        """Stops the real node and undoes what it changed on the host (see `llm_devstack.node.host`); returns
+        the node that ran (its name, GPUs, taint and images start it again), or None."""
+        node, self.real_node = self.real_node, None
+        if node is not None:
+            self.processes = [p for p in self.processes if p not in node.processes]
+            node.stop()
+        return node
+
+    def _authorize_node(self) -> None:
+        """RBAC for kubelets (the API server has no Node authorizer), and the `kubernetes` Service's endpoint
+        on the node's address, where pods reach the API server (the server reconciles no endpoints itself)."""
+        binding = {
+            "metadata": {"name": kubelet.NODE_ROLE_BINDING},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:node",
+            },
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:nodes"}],
+        }
+        endpoints = {
+            "metadata": {
+                "name": "kubernetes",
+                "labels": {
+                    "kubernetes.io/service-name": "kubernetes",
+                    "endpointslice.kubernetes.io/managed-by": "llm-endpoints.io",
+                },
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [node_network.node_ip()], "conditions": {"ready": True}}],
+            "ports": [{"name": "https", "port": self.ports["kube-apiserver"], "protocol": "TCP"}],
+        }
+        with self.api_client() as api:
+            for create, args in (
+                (k8s.RbacAuthorizationV1Api(api).create_cluster_role_binding, (binding,)),
+                (k8s.DiscoveryV1Api(api).create_namespaced_endpoint_slice, ("default", endpoints)),
+            ):
+                try:
+                    create(*args)
+                except k8s.ApiException as error:
+                    if error.status != 409:  # there from an earlier node of this cluster
+                        raise
+
+    def _advertise_gpus(self, node: str, gpus: int) -> None:
+        """`nvidia.com/gpu: gpus` in the Node's capacity and allocatable (the kubelet keeps extended
+        resources others add)."""
+        patch = [
+            {"op": "add", "path": f"/status/{field}/nvidia.com~1gpu", "value": str(gpus)}
+            for field in ("capacity", "allocatable")
+        ]
+        with self.api_client() as api:
+            k8s.CoreV1Api(api).patch_node_status(node, patch)
+
+    def _launch(
+        self, name: str, args: list[str], executable: str | None = None, env: Mapping[str, str] | None = None
+    ) -> Process:
         log = self.logs / f"{name}.log"
         argv = [executable or str(self.bin_dir / name), *args, *self.extra_args.get(name, ())]
         with log.open("ab") as out:
@@ -290,6 +443,7 @@ class Cluster:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT if executable else self.workdir,
+                env=env,
                 start_new_session=True,
                 preexec_fn=die_with_parent,
             )
@@ -298,13 +452,21 @@ class Cluster:
         return process
 
     def _spawn(
-        self, name: str, args: list[str], healthy: Callable[[], bool], executable: str | None = None
+        self,
+        name: str,
+        args: list[str],
+        healthy: Callable[[], bool],
+        executable: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = START_TIMEOUT,
     ) -> Process:
-        process = self._launch(name, args, executable)
-        self._wait_healthy(process, healthy)
+        process = self._launch(name, args, executable, env)
+        self._wait_healthy(process, healthy, timeout)
         return process
 
-    def _wait_healthy(self, process: Process, healthy: Callable[[], bool]) -> None:
+    def _wait_healthy(
+        self, process: Process, healthy: Callable[[], bool], timeout: float = START_TIMEOUT
+    ) -> None:
         def ready() -> bool:
             if process.popen.poll() is not None:
                 raise ComponentError(
@@ -312,7 +474,7 @@ class Cluster:
                 )
             return healthy()
 
-        self._wait_for(ready, process.name, "did not become healthy")
+        self._wait_for(ready, process.name, "did not become healthy", timeout)
 
     def _wait_for(
         self, check: Callable[[], bool], name: str, problem: str, timeout: float = START_TIMEOUT
@@ -340,6 +502,17 @@ class Cluster:
         except OSError:
             return False
 
+    def _node_ready_since(self, name: str, since: datetime.datetime) -> bool:
+        """The Node is Ready by a heartbeat at or after `since` (the API keeps whole seconds)."""
+        with self.api_client() as api:
+            nodes = k8s.CoreV1Api(api).list_node(field_selector=f"metadata.name={name}").items
+        if not nodes:
+            return False
+        return any(
+            c.type == "Ready" and c.status == "True" and c.last_heartbeat_time >= since.replace(microsecond=0)
+            for c in nodes[0].status.conditions or ()
+        )
+
     def _nodes_ready(self, names: Sequence[str]) -> bool:
         with self.api_client() as api:
             nodes = {n.metadata.name: n for n in k8s.CoreV1Api(api).list_node().items}
@@ -358,7 +531,9 @@ class Cluster:
         ca = trustme.CA(organization_name="llm-endpoints test cluster")
         ca.cert_pem.write_to_path(str(self.pki / "ca.crt"))
         ca.private_key_pem.write_to_path(str(self.pki / "ca.key"))
-        serving = ca.issue_cert("127.0.0.1", "localhost", "kubernetes", "kubernetes.default.svc")
+        # pods reach the API server by the `kubernetes` Service's ClusterIP, or the real node's address
+        names = ("kubernetes", "kubernetes.default", "kubernetes.default.svc", KUBERNETES_SERVICE_IP)
+        serving = ca.issue_cert("127.0.0.1", "localhost", *names, node_network.node_ip())
         serving.cert_chain_pems[0].write_to_path(str(self.pki / "apiserver.crt"))
         serving.private_key_pem.write_to_path(str(self.pki / "apiserver.key"))
         admin = ca.issue_cert("admin", common_name="admin", organization_name="system:masters")
@@ -421,10 +596,14 @@ class Cluster:
             f"--service-account-key-file={pki / 'sa.key'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            "--bind-address=0.0.0.0",  # pods of the local node agent reach it from their own namespaces
+            "--bind-address=0.0.0.0",  # pods of the real node reach it at the node's address
             "--advertise-address=127.0.0.1",
             f"--secure-port={self.ports['kube-apiserver']}",
-            "--service-cluster-ip-range=10.96.0.0/16",
+            f"--service-cluster-ip-range={SERVICE_RANGE}",
+            # logs, exec and port-forward on the real node: the kubelet trusts the admin certificate
+            f"--kubelet-client-certificate={pki / 'admin.crt'}",
+            f"--kubelet-client-key={pki / 'admin.key'}",
+            "--kubelet-preferred-address-types=InternalIP",
             "--authorization-mode=RBAC",
             "--allow-privileged=true",
             "--endpoint-reconciler-type=none",
@@ -452,7 +631,7 @@ class Cluster:
             "--concurrent-deployment-syncs=10",
             "--concurrent-replicaset-syncs=10",
             "--concurrent-gc-syncs=20",
-            # no test takes a node away; a node agent or kwok stalled by a busy machine must not make every
+            # no test takes a node away; a kubelet or kwok stalled by a busy machine must not make every
             # pod on its node NotReady (the default grace is 50 s)
             "--node-monitor-grace-period=5m",
         ]

@@ -1,5 +1,7 @@
-"""The local system `make run` and the cold-start benchmark start: a control plane with an untainted local
-node, the CRD, the gateway and the operator as real processes, and a wait for an endpoint to be Running."""
+"""The local system `make run` and the cold-start benchmark start: a control plane with the real node
+untainted (kubelet and containerd running the images `make images` built), the CRD, the gateway and the
+operator as processes on this machine (on the node's bridge: they reach pod IPs), and a wait for an endpoint
+to be Running."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from llm_devstack.controlplane import Cluster, HarnessError
-from llm_devstack.node_agent.network import POD_RANGE
+from llm_devstack.images import SERVING_IMAGE
+from llm_devstack.node.network import POD_RANGE
 from llm_devstack.paths import EXAMPLES
 from llm_devstack.processes import ComponentProcess, GatewayProcess
 from llm_devstack.resources import install_crd
@@ -45,8 +48,9 @@ def wait_running(cluster: Cluster, name: str, processes: dict[str, ComponentProc
         if status.get("phase") == "Running":
             return status
         time.sleep(1)
-    where = cluster.workdir
-    raise HarnessError(f"{name} not Running after {READY_TIMEOUT:.0f}s; see {where}/logs and {where}/pods")
+    raise HarnessError(
+        f"{name} not Running after {READY_TIMEOUT:.0f}s; see {cluster.workdir}/logs and `kubectl logs`"
+    )
 
 
 @dataclass
@@ -62,10 +66,10 @@ class LocalStack:
 
 @contextlib.contextmanager
 def local_stack(workdir: Path) -> Iterator[LocalStack]:
-    """Control plane, an untainted local node, the CRD, the gateway and the operator, all stopped on exit."""
+    """Control plane, the real node untainted, the CRD, the gateway and the operator, all stopped on exit."""
     with Cluster(workdir) as cluster:
         cluster.start(nodes=())
-        cluster.start_node_agent("local-0", gpus=4, taint=False)
+        cluster.start_real_node("local-0", gpus=4, taint=False)
         install_crd(cluster)
         logs = cluster.logs
         # the pods' network is inside (for private endpoints); calls from this machine come from outside
@@ -79,6 +83,7 @@ def local_stack(workdir: Path) -> Iterator[LocalStack]:
                 "--no-leader-election",
                 f"--gateway-url={gateway.url}",
                 f"--gateway-metrics-url={gateway.admin_url}/metrics",
+                f"--image={SERVING_IMAGE}",
             ],
         )
         with gateway, operator:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the test control plane from Go modules, once: kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, etcd, kwok, helm and our kstatus command land in $LLME_BIN_DIR, by default
+# Builds the test control plane and the real node from Go modules, once: kube-apiserver,
+# kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl, etcd, kwok, helm and our kstatus
+# command land in $LLME_BIN_DIR, by default
 # ~/.cache/llm-endpoints/cluster-bin/<kubernetes version>-<hash of versions.env>/bin: outside the clone,
 # like Go's own module and build caches, so a fresh clone on a warm machine builds nothing, and keyed by
 # every pinned version (and BUILD_REVISION, bumped when this script changes how a binary is built). A binary that is already there is kept.
@@ -28,6 +29,8 @@ kver="-X $kv.gitVersion=$KUBERNETES_VERSION -X $kv.gitMajor=1 -X $kv.gitMinor=$(
 build kubernetes kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$kver"
 build kubernetes kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$kver"
 build kubernetes kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler "$kver"
+build kubernetes kubelet k8s.io/kubernetes/cmd/kubelet "$kver"
+build kubernetes kube-proxy k8s.io/kubernetes/cmd/kube-proxy "$kver"
 build kubernetes kubectl k8s.io/kubernetes/cmd/kubectl "$kver"
 build etcd etcd go.etcd.io/etcd/server/v3
 build kwok kwok sigs.k8s.io/kwok/cmd/kwok "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
@@ -52,4 +55,9 @@ if [[ ! -d "$stages" ]]; then
   chmod u+w "$stages.tmp"/*
   mv "$stages.tmp" "$stages"
 fi
-echo "cluster-bin: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm, kstatus in $bin"
+echo "cluster-bin: kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl, etcd, kwok, helm, kstatus in $bin"
+# actionlint (`make lint`) is pinned in its go.mod only, not in versions.env (whose hash keys every binary): the
+# file is named by that version, so a bump builds only this one; `actionlint` points at the current one.
+alver=$(awk '$1 == "github.com/rhysd/actionlint" {print $2}' "$here/actionlint/go.mod")
+build actionlint "actionlint-$alver" github.com/rhysd/actionlint/cmd/actionlint "-X github.com/rhysd/actionlint.version=$alver"
+ln -sfn "actionlint-$alver" "$bin/actionlint"

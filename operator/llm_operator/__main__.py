@@ -11,6 +11,7 @@ import socket
 from collections.abc import Sequence
 
 import kopf
+from kopf._core.engines.peering import Identity  # the type of kopf.operator's identity
 from prometheus_client import start_http_server
 
 from llm_operator import logs
@@ -232,6 +233,8 @@ async def run(args: argparse.Namespace) -> None:
             await kopf.operator(
                 registry=registry,
                 standalone=True,
+                # kopf's default identity calls getpass.getuser(), which fails for a UID with no passwd entry
+                identity=Identity(args.identity),
                 clusterwide=not args.namespaces,
                 namespaces=args.namespaces,
                 liveness_endpoint=args.liveness,

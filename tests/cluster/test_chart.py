@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import uuid
@@ -10,13 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import yaml
 
-from llm_devstack.controlplane import Cluster, pod_processes
-from llm_devstack.node_agent import AGENT_PLACEMENT
-from llm_devstack.node_agent.network import POD_RANGE
+from llm_devstack.controlplane import Cluster
+from llm_devstack.images import OPERATOR_IMAGE, SERVING_IMAGE
+from llm_devstack.node import LOCAL_PLACEMENT
+from llm_devstack.node.network import POD_RANGE
 from llm_devstack.paths import EXAMPLES, ROOT
 from llm_devstack.resources import install_crd, new_namespace
 from llm_devstack.waits import wait_for
@@ -297,28 +296,31 @@ def release_pods(cluster: Cluster, namespace: str, name: str) -> list[dict[str, 
     return [pod for pod in items if not pod["metadata"].get("deletionTimestamp")]
 
 
-def pod_process(cluster: Cluster, pod: dict[str, Any]) -> psutil.Process:
-    """The local node agent's process for a pod (it sets the pod's name as HOSTNAME)."""
-    for process in pod_processes(cluster.workdir):
-        with contextlib.suppress(psutil.Error):
-            environ = process.environ()
-            if environ.get("HOSTNAME") == pod["metadata"]["name"] and "KUBECONFIG" in environ:
-                return process
-    raise AssertionError(f"no process runs pod {pod['metadata']['name']}")
+WHOAMI = """
+import json, os, ssl, urllib.request
+account = "/var/run/secrets/kubernetes.io/serviceaccount"
+token = open(f"{account}/token").read()
+server = f"https://{os.environ['KUBERNETES_SERVICE_HOST']}:{os.environ['KUBERNETES_SERVICE_PORT']}"
+review = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+request = urllib.request.Request(
+    f"{server}/apis/authentication.k8s.io/v1/selfsubjectreviews",
+    json.dumps(review).encode(),
+    {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+)
+context = ssl.create_default_context(cafile=f"{account}/ca.crt")
+with urllib.request.urlopen(request, context=context, timeout=20) as answer:
+    print(json.load(answer)["status"]["userInfo"]["username"])
+"""
+"""A SelfSubjectReview from inside a pod, with the ServiceAccount token the kubelet projected there, through
+the in-cluster address every Kubernetes client uses."""
 
 
-def whoami(cluster: Cluster, process: psutil.Process) -> str:
-    """The user the API server sees behind a pod process's credentials: a SelfSubjectReview made with the
-    process's kubeconfig from inside its network namespace, as the process itself would connect."""
-    netns = subprocess.run(
-        ["ip", "netns", "identify", str(process.pid)], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    kubectl = [str(cluster.bin_dir / "kubectl"), "--kubeconfig", process.environ()["KUBECONFIG"]]
-    argv = ["ip", "netns", "exec", netns, *kubectl, "auth", "whoami", "-o", "json"]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+def whoami(cluster: Cluster, pod: dict[str, Any]) -> str:
+    """The user the API server sees behind a pod's own credentials (`kubectl exec` of the image's Python)."""
+    namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+    result = cluster.kubectl("exec", "-n", namespace, name, "--", "python", "-c", WHOAMI, check=False)
     assert result.returncode == 0, result.stderr
-    username: str = json.loads(result.stdout)["status"]["userInfo"]["username"]
-    return username
+    return result.stdout.strip()
 
 
 @pytest.fixture
@@ -333,17 +335,20 @@ def release_namespaces(cluster: Cluster) -> Iterator[tuple[str, str]]:
 def test_helm_install_upgrade_uninstall(
     cluster: Cluster, local_node: str, release_namespaces: tuple[str, str], tmp_path: Path
 ) -> None:
-    """`helm install` runs the operator and gateway pods (on the local node, under the chart's
-    ServiceAccounts) and the operator reconciles the example endpoint; `helm upgrade` with a changed value
-    rolls the operator only; `helm uninstall` removes the release's objects and leaves the CRD, the
-    endpoints and what they own."""
+    """`helm install` runs the operator and gateway pods from the built images (on the real node, under the
+    chart's ServiceAccounts, ready by the kubelet's probes) and the operator reconciles the example endpoint;
+    `helm upgrade` with a changed value rolls the operator only; `helm uninstall` removes the release's
+    objects and leaves the CRD, the endpoints and what they own."""
     system, apps = release_namespaces
     install_crd(cluster)  # the CRD may already be there (other tests): helm then leaves it as it is
     values = tmp_path / "values.yaml"
+    repository, _, tag = OPERATOR_IMAGE.rpartition(":")
     values.write_text(
         yaml.safe_dump(
             {
-                **AGENT_PLACEMENT,
+                **LOCAL_PLACEMENT,
+                "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+                "servingImage": SERVING_IMAGE,
                 "operator": {"replicas": 1},
                 "gateway": {"replicas": 1, "internalCIDRs": [str(POD_RANGE)]},
             }
@@ -352,17 +357,15 @@ def test_helm_install_upgrade_uninstall(
     release = ("--namespace", system, "-f", str(values), "--wait", "--timeout=180s")
     helm(cluster, "install", RELEASE, str(CHART), *release)
 
-    # the operator runs as the chart's ServiceAccount, with the identity the node agent gave its pod
+    # the operator runs the built image as the chart's ServiceAccount, with the token the kubelet projected
     (operator,) = release_pods(cluster, system, "llm-operator")
     assert operator["spec"]["serviceAccountName"] == f"{FULLNAME}-operator"
-    assert (
-        whoami(cluster, pod_process(cluster, operator))
-        == f"system:serviceaccount:{system}:{FULLNAME}-operator"
-    )
+    assert operator["spec"]["nodeName"] == local_node
+    assert [c["image"] for c in operator["status"]["containerStatuses"]] == [OPERATOR_IMAGE]
+    assert whoami(cluster, operator) == f"system:serviceaccount:{system}:{FULLNAME}-operator"
     (gateway,) = release_pods(cluster, system, "llm-gateway")
-    assert (
-        whoami(cluster, pod_process(cluster, gateway)) == f"system:serviceaccount:{system}:{FULLNAME}-gateway"
-    )
+    assert gateway["spec"]["nodeName"] == local_node
+    assert whoami(cluster, gateway) == f"system:serviceaccount:{system}:{FULLNAME}-gateway"
 
     # ... and reconciles the example endpoint (its pods land on the kwok nodes)
     cluster.kubectl("apply", "-n", apps, "-f", str(EXAMPLES / "smollm2.yaml"))

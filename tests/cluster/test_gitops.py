@@ -1,9 +1,10 @@
 """What Argo CD and Flux make of LLMEndpoints in each phase, on objects the real operator produced.
 
 The endpoints are driven through their phases on the real control plane (kwok GPU nodes for Pending and
-Running, the local node agent for Loading and Failed, a scale to zero as the autoscaler makes it), then
-each object is judged by the Argo CD health check (docs/gitops/llmendpoint-health.lua) in a real Lua 5.1
-interpreter, the language Argo CD embeds, and by kstatus (sigs.k8s.io/cli-utils), which Flux uses.
+Running, the real node running the serving image for Loading and Failed, a scale to zero as the autoscaler
+makes it), then each object is judged by the Argo CD health check (docs/gitops/llmendpoint-health.lua) in
+a real Lua 5.1 interpreter, the language Argo CD embeds, and by kstatus (sigs.k8s.io/cli-utils), which Flux
+uses.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import lupa.lua51 as lua
 import pytest
 
 from llm_devstack.controlplane import Cluster
-from llm_devstack.node_agent import AGENT_PLACEMENT
+from llm_devstack.images import SERVING_IMAGE
+from llm_devstack.node import LOCAL_PLACEMENT
 from llm_devstack.paths import ROOT
 from llm_devstack.processes import OperatorProcess
 from llm_devstack.resources import endpoint, install_crd, new_namespace
@@ -61,7 +63,7 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     install_crd(cluster)
     name = new_namespace(cluster, "gitops")
     yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false")  # stops the local node's serving processes
+    cluster.kubectl("delete", "namespace", name, "--wait=false")  # stops the local node's serving pods
 
 
 def recorded(
@@ -85,7 +87,12 @@ def phases(
 ) -> dict[str, dict[str, Any]]:
     """One real object per phase, and one whose latest spec the (stopped) operator has not observed."""
     with OperatorProcess(
-        cluster, namespace, tmp_path_factory.mktemp("gitops"), "gitops", "--no-leader-election"
+        cluster,
+        namespace,
+        tmp_path_factory.mktemp("gitops"),
+        "gitops",
+        "--no-leader-election",
+        f"--image={SERVING_IMAGE}",
     ):
         found = record_phases(cluster, namespace)
     cluster.kubectl(
@@ -103,8 +110,8 @@ def record_phases(cluster: Cluster, namespace: str) -> dict[str, dict[str, Any]]
         ),
         endpoint("pending", namespace, {**SMOLLM2, "accelerator": {"type": "nvidia-a100-80gb", "count": 16}}),
         endpoint("idle", namespace, {**SMOLLM2, **ON_KWOK}),
-        endpoint("loading", namespace, {**SMOLLM2, **AGENT_PLACEMENT}),
-        endpoint("broken", namespace, {"model": {"path": "/nonexistent/model"}, **AGENT_PLACEMENT}),
+        endpoint("loading", namespace, {**SMOLLM2, **LOCAL_PLACEMENT}),
+        endpoint("broken", namespace, {"model": {"path": "/nonexistent/model"}, **LOCAL_PLACEMENT}),
         endpoint("paused", namespace, {**SMOLLM2, **ON_KWOK, "paused": True}),
     )
     found = {

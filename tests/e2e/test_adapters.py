@@ -1,10 +1,14 @@
 """LoRA adapters through the whole system: an LLMEndpoint with `spec.adapters` (three tiny random peft
-adapters this test writes, as local `path:` sources: the node agent runs the pods on this machine's
-filesystem) over the tiny random Llama answers per adapter through the gateway, with the greedy tokens of
-peft's merged model for that adapter; `/v1/models` lists them and the endpoint's status shows them."""
+adapters this test writes, as `path:` sources inside the container) over the tiny random Llama (`model.pvc`)
+answers per adapter through the gateway, with the greedy tokens of peft's merged model for that adapter;
+`/v1/models` lists them and the endpoint's status shows them. The model and the adapters reach the pod on a
+hostPath volume (a PersistentVolumeClaim bound to one host folder), mounted read-only at the operator's
+model mount."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,13 +19,16 @@ from transformers import AutoTokenizer
 
 from llm_contract import SERVING_PORT, STATUS_PATH
 from llm_devstack.waits import wait_for
+from llm_operator.render import MODEL_MOUNT
 from tests.cluster.operator_support import get, kubectl_apply
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import CACHE_SIZE, HOST_STORAGE, Stack, host_volume
 from tests.serving import models
 from tests.serving.test_lora import ADAPTERS, TEXTS, Setup, make_adapter
 
 pytestmark = pytest.mark.cluster
 NAME = "lora"
+MODELS = "lora-models"
+"""The PersistentVolumeClaim holding the model and its adapters."""
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +47,37 @@ def status(stack: Stack) -> dict[str, Any]:
     return dict(get(stack.cluster, "llmendpoint", NAME, "-n", stack.namespace).get("status") or {})
 
 
+def models_volume(stack: Stack, setup: Setup, folder: Path) -> None:
+    """The claim MODELS of the stack's namespace on the host folder `folder`: the model in its folder's name,
+    each adapter in its own name, all readable by the serving image's non-root user."""
+    shutil.copytree(setup.model_dir, folder / setup.model_dir.name)
+    for name, adapter in setup.adapters.items():
+        shutil.copytree(adapter, folder / name)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    host_volume(stack.cluster, stack.namespace, MODELS, folder)
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": MODELS, "namespace": stack.namespace},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": HOST_STORAGE,
+            "resources": {"requests": {"storage": CACHE_SIZE}},
+        },
+    }
+    kubectl_apply(stack.cluster, claim)
+
+
 @pytest.fixture(scope="module")
-def served(stack: Stack, setup: Setup) -> str:
+def served(stack: Stack, setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The endpoint applied and Running; its URL through the gateway."""
-    adapters = [{"name": name, "path": str(folder)} for name, folder in setup.adapters.items()]
+    models_volume(stack, setup, tmp_path_factory.mktemp("e2e-models"))
+    adapters = [{"name": name, "path": f"{MODEL_MOUNT}/{name}"} for name in setup.adapters]
     body = stack.endpoint(
         NAME,
-        model={"path": str(setup.model_dir), "dtype": "float32"},
+        False,
+        model={"pvc": {"claimName": MODELS, "subPath": setup.model_dir.name}, "dtype": "float32"},
         scaling={"minReplicas": 1, "maxReplicas": 1},
         adapters=adapters,
     )

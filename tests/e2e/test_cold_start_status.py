@@ -4,7 +4,8 @@ reached here) that the operator resolves revisions on and the pods download from
 A tiny random-weight Llama (25 MB of safetensors) is served as a Hub repo: its download, slowed by the
 stand-in Hub, shows in the LLMEndpoint's status; the commit `main` resolves to is recorded and loaded by a
 replica started after `main` moved; each load failure is the endpoint's reason; a pod killed mid-download
-resumes from what it had.
+resumes from what it had (its weight cache on a host folder, `spec.cache`, survives the container's
+restart).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 from huggingface_hub import InferenceClient
 
@@ -26,7 +26,7 @@ from llm_devstack.hub import StandInHub
 from llm_devstack.waits import wait_for
 from llm_operator.objects import conditions
 from tests.cluster.operator_support import get, kubectl_apply
-from tests.e2e.conftest import HubStack, Stack
+from tests.e2e.conftest import HubStack, Stack, container_processes
 from tests.serving.models import tiny_model_dir
 
 pytestmark = pytest.mark.cluster
@@ -50,22 +50,14 @@ def stack(hub_stack: HubStack) -> Stack:
     return hub_stack.stack
 
 
-def endpoint(
-    stack: Stack, name: str, cache: Path, *, shared_cache: bool = False, **spec: Any
-) -> dict[str, Any]:
-    """A Hub-model endpoint with one replica that stays up; HF_HOME under `cache`, per pod (a container's
-    own filesystem) unless `shared_cache` (one folder for all its pods, as a cache volume is)."""
-    home = str(cache / name) if shared_cache else f"{cache / name}/$(POD_NAME)"
-    env = [
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "HF_HOME", "value": home},
-    ]
+def endpoint(stack: Stack, name: str, cache: Path | None = None) -> dict[str, Any]:
+    """A Hub-model endpoint with one replica that stays up; HF_HOME in each container's own filesystem,
+    unless a weight cache volume on the host folder `cache` (one for all its pods and their restarts)."""
     return stack.endpoint(
         name,
+        cache or False,
         model={"repository": REPO, "dtype": "float32"},
         scaling={"minReplicas": 1, "maxReplicas": 2},
-        env=env,
-        **spec,
     )
 
 
@@ -106,12 +98,10 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("hf-home")
 
 
-def test_download_progress_shows_in_status_then_the_endpoint_answers(
-    stack: Stack, hub: StandInHub, cache: Path
-) -> None:
+def test_download_progress_shows_in_status_then_the_endpoint_answers(stack: Stack, hub: StandInHub) -> None:
     hub.throttle = THROTTLE
     try:
-        kubectl_apply(stack.cluster, endpoint(stack, "progress", cache))
+        kubectl_apply(stack.cluster, endpoint(stack, "progress"))
         seen: list[tuple[float, float, int]] = []
 
         def downloaded() -> bool:
@@ -149,15 +139,13 @@ def hub_commit(hub: StandInHub, revision: str) -> str:
     return str(answer.json()["sha"])
 
 
-def test_a_replica_started_after_main_moved_loads_the_recorded_commit(
-    stack: Stack, hub: StandInHub, cache: Path
-) -> None:
+def test_a_replica_started_after_main_moved_loads_the_recorded_commit(stack: Stack, hub: StandInHub) -> None:
     recorded = running(stack, "progress")["model"]["resolvedRevision"]
     moved = hub.commit(REPO, {"README.md": b"a newer commit on main\n"})
     assert hub_commit(hub, "main") == moved != recorded
     hub.clear_log()
     first = {p["metadata"]["name"] for p in pods(stack, "progress")}
-    body = endpoint(stack, "progress", cache)
+    body = endpoint(stack, "progress")
     body["spec"]["scaling"]["minReplicas"] = 2
     kubectl_apply(stack.cluster, body)
 
@@ -215,11 +203,11 @@ def failed(stack: Stack, name: str, reason: str) -> dict[str, Any]:
     ],
 )
 def test_the_operator_fails_what_the_hub_refuses_with_its_reason(
-    stack: Stack, hub: StandInHub, cache: Path, name: str, model: dict[str, str], reason: str
+    stack: Stack, hub: StandInHub, name: str, model: dict[str, str], reason: str
 ) -> None:
     if name == "private":
         hub.add_repo("e2e/private", {"config.json": b"{}"}, private=True, tokens={"hf_someone_else"})
-    body = endpoint(stack, name, cache)
+    body = endpoint(stack, name)
     body["spec"]["model"] = {**model, "dtype": "float32"}
     kubectl_apply(stack.cluster, body)
     current = failed(stack, name, reason)
@@ -230,18 +218,18 @@ def test_the_operator_fails_what_the_hub_refuses_with_its_reason(
 
 
 def test_corrupt_weights_fail_the_endpoint_from_the_pods_termination_message(
-    stack: Stack, hub: StandInHub, cache: Path
+    stack: Stack, hub: StandInHub
 ) -> None:
     hub.add_repo("e2e/corrupt", tiny_model_dir())
     hub.corrupt("e2e/corrupt", WEIGHTS)
-    body = endpoint(stack, "corrupt", cache)
+    body = endpoint(stack, "corrupt")
     body["spec"]["model"]["repository"] = "e2e/corrupt"
     kubectl_apply(stack.cluster, body)
     current = failed(stack, "corrupt", "WeightsCorrupt")
     assert WEIGHTS in conditions({"status": current})["Ready"]["message"]
 
     def exit_reported() -> dict[str, Any] | None:
-        """The container's exit, once the node reports it (the operator may read the pod's `/status` in
+        """The container's exit, once the kubelet reports it (the operator may read the pod's `/status` in
         phase Failed before the process has exited)."""
         (pod,) = pods(stack, "corrupt")
         (container,) = pod["status"].get("containerStatuses") or [{}]
@@ -257,19 +245,9 @@ def test_corrupt_weights_fail_the_endpoint_from_the_pods_termination_message(
 def test_a_full_cache_fails_the_endpoint_with_cache_full(
     stack: Stack, hub: StandInHub, small_tmpfs: Path
 ) -> None:
-    kubectl_apply(stack.cluster, endpoint(stack, "full", small_tmpfs, shared_cache=True))
+    kubectl_apply(stack.cluster, endpoint(stack, "full", small_tmpfs))
     failed(stack, "full", "CacheFull")
     stack.cluster.kubectl("delete", "llmendpoint", "full", "-n", stack.namespace, "--wait=false")
-
-
-def serving_processes(pod: str) -> list[psutil.Process]:
-    """The serving process of pod `pod` (the node agent sets HOSTNAME to the pod's name)."""
-    found = []
-    for process in psutil.process_iter(["cmdline", "environ"]):
-        with_env = process.info["environ"] or {}
-        if with_env.get("HOSTNAME") == pod and "llm_serving" in " ".join(process.info["cmdline"] or ()):
-            found.append(process)
-    return found
 
 
 def test_a_pod_killed_mid_download_resumes_it(stack: Stack, hub: StandInHub, cache: Path) -> None:
@@ -277,11 +255,11 @@ def test_a_pod_killed_mid_download_resumes_it(stack: Stack, hub: StandInHub, cac
     hub.clear_log()
     hub.throttle = THROTTLE
     try:
-        kubectl_apply(stack.cluster, endpoint(stack, "resume", cache, shared_cache=True))
+        kubectl_apply(stack.cluster, endpoint(stack, "resume", cache / "resume"))
         wait_for(lambda: hub.served_bytes(REPO, WEIGHTS) > size // 3, 240, "a third of the weights sent")
         (pod,) = pods(stack, "resume")
-        (process,) = serving_processes(pod["metadata"]["name"])
-        process.kill()  # as the OOM killer or a node failure would: no chance to clean up
+        for process in container_processes(pod):
+            process.kill()  # as the OOM killer or a node failure would: no chance to clean up
         time.sleep(1)
         hub.throttle = None
         running(stack, "resume", crashed=True)

@@ -1,4 +1,4 @@
-"""Manifest -> operator -> Deployment -> scheduler -> node agent -> serving -> gateway -> real client.
+"""Manifest -> operator -> Deployment -> scheduler -> kubelet -> serving image -> gateway -> real client.
 
 One endpoint goes through its whole life in order: it comes up and streams, idles to zero, wakes for a
 held request, refuses what exceeds the hold bounds, scales out under load and back in (streams intact),
@@ -11,7 +11,6 @@ import base64
 import itertools
 import json
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,8 @@ import yaml
 from huggingface_hub import InferenceClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from llm_devstack.node_agent import AGENT_PLACEMENT
+from llm_devstack.images import SERVING_IMAGE
+from llm_devstack.node import LOCAL_PLACEMENT
 from llm_devstack.waits import wait_for
 from llm_operator.gateway.coldstart import PHASES
 from tests.cluster.operator_support import get, kubectl_apply
@@ -196,7 +196,7 @@ def test_5_protected_endpoint_needs_its_token(running: Stack) -> None:
 
 
 CALLER = """
-import socket, struct, sys, time, urllib.error, urllib.request
+import socket, struct, sys, urllib.error, urllib.request
 with open("/proc/net/route") as table:  # the default route leads to the host, where the gateway listens
     via = next(int(r.split()[2], 16) for r in list(table)[1:] if r.split()[1] == "00000000")
 host = socket.inet_ntoa(struct.pack("<L", via))
@@ -208,34 +208,34 @@ try:
         print("answered", answer.status, flush=True)
 except urllib.error.HTTPError as refused:
     print("answered", refused.code, flush=True)
-time.sleep(3600)  # stay up: the node agent restarts containers that exit
 """
 
 
 def call_from_a_pod(stack: Stack, path: str, body: dict[str, Any]) -> int:
-    """POST through the gateway from a pod on the local node (inside the cluster network): the status."""
+    """POST through the gateway from a pod on the local node (inside the cluster network, with the serving
+    image's Python): the status."""
     port = stack.gateway.rsplit(":", 1)[1]
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "caller", "namespace": stack.namespace},
         "spec": {
-            **AGENT_PLACEMENT,
+            **LOCAL_PLACEMENT,
             "automountServiceAccountToken": False,
+            "restartPolicy": "Never",
             "containers": [
                 {
                     "name": "caller",
-                    "image": "python",
-                    "command": [sys.executable, "-c", CALLER, port, path, json.dumps(body)],
+                    "image": SERVING_IMAGE,
+                    "command": ["python", "-c", CALLER, port, path, json.dumps(body)],
                 }
             ],
         },
     }
     kubectl_apply(stack.cluster, pod)
-    log = stack.cluster.pod_log(stack.namespace, "caller", "caller")
 
     def answered() -> str | None:
-        text = log.read_text() if log.exists() else ""
+        text = stack.cluster.kubectl("logs", "caller", "-n", stack.namespace, check=False).stdout
         return next((line for line in text.splitlines() if line.startswith("answered")), None)
 
     try:
