@@ -1,7 +1,8 @@
 """Cold-start breakdown of the local example: `make run`'s SmolLM2 endpoint woken from zero, several times.
 
 Starts the same local system as `make run` (control plane, the real node with the built images already
-imported, operator, gateway), applies examples/smollm2.yaml and waits until it is Running. Then, each round:
+imported, operator, gateway), applies examples/smollm2.yaml with the same weight cache as `make run` and
+waits until it is Running. Then, each round:
 scale the Deployment to zero and wait until no pod is left, send one request through the gateway
 (huggingface_hub's InferenceClient, 8 new tokens) and read the gateway's
 `llm_gateway_cold_start_seconds{phase}` for that wake. A watch on the endpoint's pods, opened before the
@@ -30,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llm_devstack.controlplane import Cluster
 from llm_devstack.paths import ROOT
-from llm_devstack.stack import EXAMPLE, local_stack, wait_running
+from llm_devstack.stack import apply_example, local_stack, wait_running
 from llm_devstack.waits import wait_for
 from llm_operator.contract import ENDPOINT_LABEL
 from llm_operator.gateway.coldstart import PHASES
@@ -111,7 +112,7 @@ def main() -> int:
     rounds: list[dict[str, float]] = []
     with local_stack(WORKDIR) as stack:
         cluster = stack.cluster
-        cluster.kubectl("apply", "-f", str(EXAMPLE))
+        apply_example(cluster, NAMESPACE)
         status = wait_running(cluster, NAME, stack.processes)
         client = InferenceClient(status["url"], timeout=600)
         client.text_generation("Hello", max_new_tokens=1)  # warm caches (page cache, imports) once

@@ -19,7 +19,7 @@ from types import FrameType
 
 from llm_devstack.controlplane import HarnessError
 from llm_devstack.paths import ROOT
-from llm_devstack.stack import EXAMPLE, local_stack, wait_running
+from llm_devstack.stack import WEIGHTS, apply_example, local_stack, wait_running
 
 WORKDIR = ROOT / ".cache" / "run"
 
@@ -72,9 +72,9 @@ def main() -> int:
     try:
         with local_stack(WORKDIR) as stack:
             print(f"make run: control plane, gateway and operator up in {time.monotonic() - started:.1f}s")
-            stack.cluster.kubectl("apply", "-f", str(EXAMPLE))
-            print("make run: applied examples/smollm2.yaml; the first start loads the model ...")
-            status = wait_running(stack.cluster, "smollm2", stack.processes)
+            name = apply_example(stack.cluster)
+            print(f"make run: applied examples/smollm2.yaml (weight cache: {WEIGHTS / name}); loading ...")
+            status = wait_running(stack.cluster, name, stack.processes)
             kubectl = stack.cluster.bin_dir / "kubectl"
             print(instructions(status["url"], kubectl, stack.cluster.kubeconfig), flush=True)
             while all(process.alive for process in stack.processes.values()):

@@ -13,15 +13,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from llm_devstack.controlplane import Cluster, HarnessError
 from llm_devstack.images import SERVING_IMAGE
 from llm_devstack.node.network import POD_RANGE
-from llm_devstack.paths import EXAMPLES
+from llm_devstack.node.volumes import HOST_STORAGE, host_volume
+from llm_devstack.paths import CACHE, EXAMPLES
 from llm_devstack.processes import ComponentProcess, GatewayProcess
 from llm_devstack.resources import install_crd
 from llm_operator.objects import conditions
+from llm_operator.render import OPTIONAL_CHILDREN
 
 EXAMPLE = EXAMPLES / "smollm2.yaml"
+WEIGHTS = CACHE / "weights"
+"""Where the example's weight cache lives on this machine, one folder per endpoint: the pods' HF_HOME, so
+SmolLM2's GGUF is converted to safetensors once per machine, not at every pod start."""
+WEIGHTS_SIZE = "2Gi"
+CACHE_CLAIM = OPTIONAL_CHILDREN[("v1", "PersistentVolumeClaim")]
+"""An endpoint's weight cache claim, `{name}-cache`."""
+
+
+def apply_example(cluster: Cluster, namespace: str = "default") -> str:
+    """Applies examples/smollm2.yaml with a weight cache (`spec.cache`) on a hostPath volume of the real
+    node under WEIGHTS (the example itself names none, so that it runs on any cluster); returns its name."""
+    body = yaml.safe_load(EXAMPLE.read_text())
+    name = str(body["metadata"]["name"])
+    host_volume(cluster, namespace, CACHE_CLAIM.format(name=name), WEIGHTS / name, WEIGHTS_SIZE)
+    body["spec"]["cache"] = {"size": WEIGHTS_SIZE, "storageClassName": HOST_STORAGE}
+    cluster.kubectl("apply", "--namespace", namespace, "-f", "-", input=yaml.safe_dump(body))
+    return name
+
+
 READY_TIMEOUT = 900.0
 
 

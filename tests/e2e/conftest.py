@@ -26,12 +26,12 @@ import pytest
 from llm_devstack.controlplane import Cluster
 from llm_devstack.hub import StandInHub
 from llm_devstack.images import SERVING_IMAGE
-from llm_devstack.node import LOCAL_PLACEMENT, NODE_LABEL
+from llm_devstack.node import LOCAL_PLACEMENT
 from llm_devstack.node.network import POD_RANGE, node_ip
+from llm_devstack.node.volumes import HOST_STORAGE, host_volume
 from llm_devstack.processes import GatewayProcess, OperatorProcess
 from llm_devstack.resources import install_crd, new_namespace
-from llm_operator.render import OPTIONAL_CHILDREN
-from tests.cluster.operator_support import kubectl_apply
+from llm_devstack.stack import CACHE_CLAIM
 
 # Short timings so that idling, scaling and waking fit in a test; the decisions are the production ones.
 AUTOSCALER_FLAGS = (
@@ -39,41 +39,7 @@ AUTOSCALER_FLAGS = (
     "--autoscale-window=4",
     "--scale-down-stabilization=6",
 )
-HOST_STORAGE = "host"
-"""The StorageClass of the hostPath PersistentVolumes the tests bind in advance (it provisions nothing)."""
 CACHE_SIZE = "4Gi"
-CACHE_CLAIM = OPTIONAL_CHILDREN[("v1", "PersistentVolumeClaim")]
-"""The name of an endpoint's weight cache claim, `{name}-cache`."""
-
-
-def host_volume(cluster: Cluster, namespace: str, claim: str, folder: Path) -> None:
-    """A hostPath PersistentVolume on the real node, bound in advance to the claim `claim` of `namespace`:
-    a pod mounting the claim sees `folder` (made writable for the image's non-root user)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o777)
-    storage_class = {
-        "apiVersion": "storage.k8s.io/v1",
-        "kind": "StorageClass",
-        "metadata": {"name": HOST_STORAGE},
-        "provisioner": "kubernetes.io/no-provisioner",
-        "volumeBindingMode": "Immediate",
-    }
-    on_the_node = {"key": NODE_LABEL, "operator": "In", "values": ["true"]}
-    volume = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {"name": f"{namespace}-{claim}"},
-        "spec": {
-            "capacity": {"storage": CACHE_SIZE},
-            "accessModes": ["ReadWriteOnce"],
-            "storageClassName": HOST_STORAGE,
-            "persistentVolumeReclaimPolicy": "Retain",
-            "claimRef": {"namespace": namespace, "name": claim},
-            "hostPath": {"path": str(folder)},
-            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [on_the_node]}]}},
-        },
-    }
-    kubectl_apply(cluster, storage_class, volume)
 
 
 def container_processes(pod: dict[str, Any]) -> list[psutil.Process]:
@@ -126,7 +92,7 @@ class Stack:
         }
         if cache:
             folder = self.cache if cache is True else cache
-            host_volume(self.cluster, self.namespace, CACHE_CLAIM.format(name=name), folder)
+            host_volume(self.cluster, self.namespace, CACHE_CLAIM.format(name=name), folder, CACHE_SIZE)
             body["cache"] = {"size": CACHE_SIZE, "storageClassName": HOST_STORAGE}
         return {
             "apiVersion": "llm-endpoints.io/v1alpha1",

@@ -18,10 +18,11 @@ from openai import NotFoundError, OpenAI
 from transformers import AutoTokenizer
 
 from llm_contract import SERVING_PORT, STATUS_PATH
+from llm_devstack.node.volumes import HOST_STORAGE, host_volume
 from llm_devstack.waits import wait_for
 from llm_operator.render import MODEL_MOUNT
 from tests.cluster.operator_support import get, kubectl_apply
-from tests.e2e.conftest import CACHE_SIZE, HOST_STORAGE, Stack, host_volume
+from tests.e2e.conftest import CACHE_SIZE, Stack
 from tests.serving import models
 from tests.serving.test_lora import ADAPTERS, TEXTS, Setup, make_adapter
 
@@ -55,7 +56,7 @@ def models_volume(stack: Stack, setup: Setup, folder: Path) -> None:
         shutil.copytree(adapter, folder / name)
     for path in folder.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
-    host_volume(stack.cluster, stack.namespace, MODELS, folder)
+    host_volume(stack.cluster, stack.namespace, MODELS, folder, CACHE_SIZE)
     claim = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
