@@ -83,7 +83,7 @@ SYSTEM_COMMANDS += shellcheck:shellcheck
 SYSTEM_COMMANDS += buildah:buildah mmdebstrap:mmdebstrap containerd:containerd runc:runc
 SYSTEM_COMMANDS += /usr/lib/cni/bridge:containernetworking-plugins iptables:iptables
 
-system-packages:  ## Install the Debian packages the tests and benchmarks run (iproute2, prometheus, nginx)
+system-packages:  ## Install the Debian packages the node, images, tests and benchmarks need
 	@missing=$$(for pair in $(SYSTEM_COMMANDS); do command -v $${pair%%:*} >/dev/null || echo $${pair#*:}; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
