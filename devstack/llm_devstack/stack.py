@@ -34,13 +34,19 @@ CACHE_CLAIM = OPTIONAL_CHILDREN[("v1", "PersistentVolumeClaim")]
 """An endpoint's weight cache claim, `{name}-cache`."""
 
 
+def host_cache(cluster: Cluster, namespace: str, name: str, folder: Path, size: str) -> dict[str, str]:
+    """The `spec.cache` of endpoint `name` whose weight cache claim is bound in advance to a hostPath volume
+    of `size` on the real node, showing `folder`."""
+    host_volume(cluster, namespace, CACHE_CLAIM.format(name=name), folder, size)
+    return {"size": size, "storageClassName": HOST_STORAGE}
+
+
 def apply_example(cluster: Cluster, namespace: str = "default") -> str:
     """Applies examples/smollm2.yaml with a weight cache (`spec.cache`) on a hostPath volume of the real
     node under WEIGHTS (the example itself names none, so that it runs on any cluster); returns its name."""
     body = yaml.safe_load(EXAMPLE.read_text())
     name = str(body["metadata"]["name"])
-    host_volume(cluster, namespace, CACHE_CLAIM.format(name=name), WEIGHTS / name, WEIGHTS_SIZE)
-    body["spec"]["cache"] = {"size": WEIGHTS_SIZE, "storageClassName": HOST_STORAGE}
+    body["spec"]["cache"] = host_cache(cluster, namespace, name, WEIGHTS / name, WEIGHTS_SIZE)
     cluster.kubectl("apply", "--namespace", namespace, "-f", "-", input=yaml.safe_dump(body))
     return name
 

@@ -8,8 +8,8 @@ which is on the node's bridge: they reach pod IPs, and pods reach them at the no
 else is the production code path.
 
 Package models are GGUF files that the server converts to safetensors once per `$HF_HOME`: every endpoint
-of a stack gets a weight cache (`spec.cache`) bound to one host folder (`host_volume`), so the conversion
-happens once per session, not at each pod start.
+of a stack gets a weight cache (`spec.cache`) bound to one host folder (`llm_devstack.stack.host_cache`),
+so the conversion happens once per session, not at each pod start.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from llm_devstack.hub import StandInHub
 from llm_devstack.images import SERVING_IMAGE
 from llm_devstack.node import LOCAL_PLACEMENT
 from llm_devstack.node.network import POD_RANGE, node_ip
-from llm_devstack.node.volumes import HOST_STORAGE, host_volume
 from llm_devstack.processes import GatewayProcess, OperatorProcess
 from llm_devstack.resources import install_crd, new_namespace
-from llm_devstack.stack import CACHE_CLAIM
+from llm_devstack.stack import host_cache
 
 # Short timings so that idling, scaling and waking fit in a test; the decisions are the production ones.
 AUTOSCALER_FLAGS = (
@@ -92,8 +91,7 @@ class Stack:
         }
         if cache:
             folder = self.cache if cache is True else cache
-            host_volume(self.cluster, self.namespace, CACHE_CLAIM.format(name=name), folder, CACHE_SIZE)
-            body["cache"] = {"size": CACHE_SIZE, "storageClassName": HOST_STORAGE}
+            body["cache"] = host_cache(self.cluster, self.namespace, name, folder, CACHE_SIZE)
         return {
             "apiVersion": "llm-endpoints.io/v1alpha1",
             "kind": "LLMEndpoint",
